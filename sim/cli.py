@@ -1,0 +1,78 @@
+"""``simulate``: the command-line entry point.
+
+    simulate SCENARIO.yaml [--set KEY=VALUE ...] [--format text|json] [--csv PATH]
+    simulate list models|gpus|topologies
+
+Bad input prints one line ``error: FILE: KEY: what was expected`` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sim.errors import ScenarioError
+
+LISTABLE = ("models", "gpus", "topologies")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simulate", description="Simulate an LLM training job on a GPU cluster: memory per GPU, FLOPs per step.",
+        epilog="Other commands: 'simulate list models|gpus|topologies'.")
+    parser.add_argument("scenario", help="scenario YAML file (see scenarios/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario key, e.g. --set parallelism.tp=4 (repeatable)")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format on stdout")
+    parser.add_argument("--csv", metavar="PATH", help="append one row with unit-suffixed columns to PATH")
+    return parser
+
+
+def _list(what: str) -> int:
+    if what == "models":
+        from sim.model import load_model, preset_names
+        for name in preset_names():
+            print(load_model(name).describe())
+    elif what == "gpus":
+        from sim.hardware import gpu_names, get_gpu
+        for name in gpu_names():
+            gpu = get_gpu(name)
+            peaks = ", ".join(f"{k} {v / 1e12:g}" for k, v in gpu.peak_flops_per_s.items())
+            print(f"{name}: {gpu.name}; {gpu.memory_capacity_bytes / 2**30:g} GiB, "
+                  f"{gpu.memory_bandwidth_bytes_per_s / 1e9:g} GB/s; dense TFLOP/s: {peaks}")
+    else:
+        from sim.topology import available_topologies, load_node_recipe
+        for name in available_topologies():
+            recipe = load_node_recipe(name)
+            print(f"{name}: {recipe.gpus_per_node} x {recipe.gpu.name}; {recipe.description}")
+    return 0
+
+
+def run(argv: list[str]) -> int:
+    if argv and argv[0] == "list":
+        if len(argv) != 2 or argv[1] not in LISTABLE:
+            raise ScenarioError(f"expected 'simulate list {'|'.join(LISTABLE)}'", key="list")
+        return _list(argv[1])
+    args = _run_parser().parse_args(argv)
+    from sim.analysis import analyze
+    from sim.report import append_csv, to_json, to_text
+    from sim.scenario import load_scenario
+
+    analysis = analyze(load_scenario(args.scenario, args.overrides))
+    print(to_json(analysis) if args.format == "json" else to_text(analysis), end="\n" if args.format == "json" else "")
+    if args.csv:
+        append_csv(analysis, args.csv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""User-facing errors: one line naming the file, the key and what was expected.
+
+Raise :class:`ScenarioError` for any infeasible or malformed input; the CLI prints ``str(error)``
+and exits with status 2. ``assert`` is kept for internal invariants only.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ScenarioError(Exception):
+    """Bad user input: ``FILE: KEY: MESSAGE`` on one line."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        self.message = " ".join(str(message).split())  # always one line
+        super().__init__(self.__str__())
+
+    def with_context(self, *, file: str | None = None, key: str | None = None) -> "ScenarioError":
+        """The same error with a file or key filled in where it was still unknown."""
+        return ScenarioError(self.message, file=self.file or file, key=self.key or key)
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.file, self.key) if p]
+        return ": ".join(parts + [self.message])
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

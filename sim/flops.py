@@ -1,0 +1,76 @@
+"""FLOPs of a training step (GEMMs and attention; norms and elementwise ops are not counted).
+
+Convention (Narayanan et al. 2021 §5.1, eq. 2-3; PaLM Appendix B): a GEMM of an (m x k) by a
+(k x n) matrix costs 2mkn FLOP; the backward pass costs twice the forward pass; attention scores
+and the weighted sum over values are counted over the full (non-causal) s x s square, as the
+papers that report MFU do. ``causal=True`` halves the attention term (what a causal flash-attention
+kernel really executes), for the cost model of the engine.
+
+*Model FLOPs* = forward + backward (3 passes) and do not depend on recomputation (MFU).
+*Hardware FLOPs* add what recomputation executes again (HFU): the whole layer forward for full
+recomputation, the attention core (QK^T, softmax, AV) for selective recomputation (Korthikanti et
+al. 2022 §5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sim.model import ModelSpec
+
+Recompute = Literal["none", "selective", "full"]
+
+
+def attention_core_forward_flops_per_token(model: ModelSpec, seq_len: int, *, causal: bool = False) -> float:
+    """QK^T and AV of one layer for one token: 2 GEMMs x 2 x seq_len x heads x head_dim."""
+    flop = 4.0 * seq_len * model.q_width
+    return flop / 2 if causal else flop
+
+
+def layer_forward_flops_per_token(model: ModelSpec, seq_len: int, *, causal: bool = False) -> float:
+    """One transformer layer, forward, one token: 2 FLOP per GEMM weight plus the attention core."""
+    return 2.0 * model.matmul_params_per_layer + attention_core_forward_flops_per_token(model, seq_len, causal=causal)
+
+
+def logits_forward_flops_per_token(model: ModelSpec) -> float:
+    """Output projection onto the vocabulary, forward, one token: 2 h V."""
+    return 2.0 * model.hidden * model.vocab
+
+
+@dataclass(frozen=True, slots=True)
+class StepFlops:
+    """FLOPs of one optimizer step over all GPUs (FLOP)."""
+
+    forward_flop: float      # one forward pass of every token through all layers and the logits
+    backward_flop: float     # gradients w.r.t. activations and weights: 2x forward
+    recompute_flop: float    # forward work executed again in the backward pass
+
+    @property
+    def model_flop(self) -> float:
+        """Forward + backward: the numerator of MFU."""
+        return self.forward_flop + self.backward_flop
+
+    @property
+    def hardware_flop(self) -> float:
+        """Model FLOPs plus recomputation: the numerator of HFU."""
+        return self.model_flop + self.recompute_flop
+
+
+def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Recompute = "none",
+               causal: bool = False) -> StepFlops:
+    """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``."""
+    layers_fwd = model.layers * layer_forward_flops_per_token(model, seq_len, causal=causal) * tokens
+    logits_fwd = logits_forward_flops_per_token(model) * tokens
+    forward = layers_fwd + logits_fwd
+    if recompute == "full":
+        again = layers_fwd
+    elif recompute == "selective":
+        again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
+    else:
+        again = 0.0
+    return StepFlops(forward_flop=forward, backward_flop=2.0 * forward, recompute_flop=again)
+
+
+def model_flops_per_token(model: ModelSpec, seq_len: int) -> float:
+    """Model FLOPs (forward + backward) per trained token."""
+    return step_flops(model, tokens=1.0, seq_len=seq_len).model_flop

@@ -1,0 +1,204 @@
+"""How the job is run: training settings, parallel layout and their validation.
+
+:class:`TrainingConfig` and :class:`ParallelismConfig` are the ``training:`` and ``parallelism:``
+sections of a scenario. :func:`resolve_plan` checks them against the model and the cluster and
+returns a :class:`Plan` with every derived quantity (dp, microbatches, layers per stage, dtypes).
+Vocabulary: *rank* = a position in the plan; *stage* = a pipeline stage; *chunk* = one of the
+``virtual_stages`` model chunks a stage holds under the interleaved schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from sim.errors import ScenarioError
+from sim.hardware import GPUSpec
+from sim.model import ModelSpec
+from sim.schema import Section
+
+Precision = Literal["fp32", "fp16", "bf16", "fp8"]
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+
+class TrainingConfig(Section):
+    """The ``training:`` section."""
+
+    seq_len: int = Field(ge=1, description="tokens per sequence")
+    global_batch_size: int = Field(ge=1, description="sequences per optimizer step")
+    micro_batch_size: int = Field(default=1, ge=1, description="sequences per microbatch per DP rank")
+    precision: Precision = "bf16"
+    optimizer: Literal["adamw", "adamw-8bit", "sgd"] = "adamw"
+    grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
+    flash_attention: bool = True
+
+
+class ParallelismConfig(Section):
+    """The ``parallelism:`` section."""
+
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    cp: int = Field(default=1, ge=1)
+    dp: int | None = Field(default=None, ge=1, description="derived from the GPU count when absent")
+    zero: int = Field(default=0, ge=0, le=3, description="0 none, 1 optimizer, 2 +gradients, 3 +weights")
+    sequence_parallel: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    virtual_stages: int = Field(default=1, ge=1)
+    first_stage_layers: int | None = Field(default=None, ge=1, description="layers of the first chunk")
+    last_stage_layers: int | None = Field(default=None, ge=1, description="layers of the last chunk")
+    tp_across_nodes: bool = False
+
+
+def default_grad_dtype(precision: str) -> str:
+    """Megatron-LM: bf16 runs accumulate and reduce gradients in fp32 (``accumulate_allreduce_grads_in_fp32``
+    is forced on for bf16 in ``arguments.py``); fp16 runs keep fp16 gradients; fp32 runs fp32."""
+    return "fp16" if precision == "fp16" else "fp32"
+
+
+def split_layers(layers: int, chunks: int, first: int | None = None, last: int | None = None) -> tuple[int, ...]:
+    """Layers per chunk, in pipeline order, as even as possible.
+
+    ``first`` / ``last`` pin the first and the last chunk (Llama 3 405B: 126 layers on 16 stages
+    with one layer fewer on the first and the last, §3.3.2). Left-over layers go to the middle
+    chunks first, then the first and the last, which carry the embedding and the logits.
+    Returns an empty tuple when the split is impossible.
+    """
+    pinned: dict[int, int] = {}
+    if first is not None:
+        pinned[0] = first
+    if last is not None:
+        if pinned.get(chunks - 1, last) != last:
+            return ()
+        pinned[chunks - 1] = last
+    free = [i for i in range(chunks) if i not in pinned]
+    rest = layers - sum(pinned.values())
+    if rest < len(free) or (not free and rest):
+        return ()
+    counts = dict(pinned)
+    if free:
+        base, extra = divmod(rest, len(free))
+        order = [i for i in free if 0 < i < chunks - 1] + [i for i in free if i in (0, chunks - 1)]
+        for i in free:
+            counts[i] = base
+        for i in order[:extra]:
+            counts[i] += 1
+    return tuple(counts[i] for i in range(chunks))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated parallel plan with everything derived from it."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    zero: int
+    sequence_parallel: bool
+    recompute: str
+    schedule: str
+    virtual_stages: int
+    seq_len: int
+    global_batch_size: int
+    micro_batch_size: int
+    precision: str
+    optimizer: str
+    grad_dtype: str
+    flash_attention: bool
+    chunk_layers: tuple[int, ...]   # layers of each chunk; chunk c sits on stage c % pp
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def microbatches(self) -> int:
+        """Microbatches per DP rank per step (= gradient-accumulation steps)."""
+        return self.global_batch_size // (self.dp * self.micro_batch_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    def stage_layers(self, stage: int) -> int:
+        return sum(n for c, n in enumerate(self.chunk_layers) if c % self.pp == stage)
+
+    def describe(self) -> str:
+        extra = [f"ZeRO-{self.zero}" if self.zero else "no ZeRO"]
+        if self.sequence_parallel:
+            extra.append("SP")
+        extra.append(f"recompute {self.recompute}")
+        sched = self.schedule + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
+        return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp} ({self.gpus} GPUs), {', '.join(extra)}, "
+                f"{sched}; seq {self.seq_len}, global batch {self.global_batch_size}, micro-batch "
+                f"{self.micro_batch_size} -> {self.microbatches} microbatches; {self.precision}, "
+                f"{self.optimizer}, grads {self.grad_dtype}")
+
+
+def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismConfig, *, num_gpus: int,
+                 gpus_per_node: int, gpu: GPUSpec, file: str | None = None) -> Plan:
+    """Check the plan against the model and the cluster; every failure names its key."""
+    def fail(key: str, msg: str) -> ScenarioError:
+        return ScenarioError(msg, file=file, key=key)
+
+    tp, pp, cp = par.tp, par.pp, par.cp
+    if par.dp is None:
+        if num_gpus % (tp * pp * cp):
+            raise fail("parallelism", f"tp({tp}) * pp({pp}) * cp({cp}) = {tp * pp * cp} does not divide the "
+                                      f"{num_gpus} GPUs of the cluster; expected a divisor so that dp is an integer")
+        dp = num_gpus // (tp * pp * cp)
+    else:
+        dp = par.dp
+        if tp * pp * cp * dp != num_gpus:
+            raise fail("parallelism.dp", f"tp({tp}) * pp({pp}) * cp({cp}) * dp({dp}) = {tp * pp * cp * dp} != "
+                                         f"{num_gpus} GPUs in the cluster; expected the product to equal the GPU count")
+    if model.heads % tp:
+        raise fail("parallelism.tp", f"tp={tp} does not divide the {model.heads} attention heads of {model.name}")
+    kv = model.n_kv_heads
+    if kv % tp and tp % kv:
+        raise fail("parallelism.tp", f"tp={tp} neither divides nor is a multiple of the {kv} kv heads of {model.name}")
+    if model.ffn_hidden % tp:
+        raise fail("parallelism.tp", f"tp={tp} does not divide ffn_hidden={model.ffn_hidden} of {model.name}")
+    if tp > gpus_per_node and not par.tp_across_nodes:
+        raise fail("parallelism.tp", f"tp={tp} exceeds the {gpus_per_node} GPUs of one node; expected tp <= "
+                                     f"{gpus_per_node} (set parallelism.tp_across_nodes: true to allow it)")
+    v = par.virtual_stages
+    if par.schedule == "interleaved" and (v < 2 or pp < 2):
+        raise fail("parallelism.virtual_stages", f"the interleaved schedule needs pp >= 2 and virtual_stages >= 2, "
+                                                 f"got pp={pp}, virtual_stages={v}")
+    if par.schedule != "interleaved" and v != 1:
+        raise fail("parallelism.virtual_stages", f"virtual_stages={v} needs schedule: interleaved "
+                                                 f"(schedule is {par.schedule}); expected 1")
+    chunks = split_layers(model.layers, pp * v, par.first_stage_layers, par.last_stage_layers)
+    if not chunks:
+        raise fail("parallelism.pp", f"cannot split {model.layers} layers into pp({pp}) * virtual_stages({v}) = "
+                                     f"{pp * v} chunks with first_stage_layers={par.first_stage_layers}, "
+                                     f"last_stage_layers={par.last_stage_layers}; expected at least one layer per chunk")
+    if training.global_batch_size % (dp * training.micro_batch_size):
+        raise fail("training.global_batch_size",
+                   f"global_batch_size={training.global_batch_size} is not divisible by dp({dp}) * "
+                   f"micro_batch_size({training.micro_batch_size}) = {dp * training.micro_batch_size}")
+    microbatches = training.global_batch_size // (dp * training.micro_batch_size)
+    if par.schedule == "interleaved" and microbatches % pp:
+        raise fail("training.global_batch_size", f"the interleaved schedule needs the number of microbatches "
+                                                 f"({microbatches}) to be a multiple of pp ({pp})")
+    if training.seq_len % cp:
+        raise fail("parallelism.cp", f"cp={cp} does not divide seq_len={training.seq_len}")
+    if model.position == "learned" and training.seq_len > model.max_seq_len:
+        raise fail("training.seq_len", f"seq_len={training.seq_len} exceeds the {model.max_seq_len} learned "
+                                       f"positions of {model.name}")
+    precision = training.precision
+    if not gpu.supports(precision):
+        hint = " (use precision: fp16)" if precision == "bf16" and gpu.supports("fp16") else ""
+        raise fail("training.precision", f"{gpu.name} has no {precision} support{hint}")
+    grad_dtype = training.grad_dtype or default_grad_dtype(precision)
+    if grad_dtype == "bf16" and not gpu.supports("bf16"):
+        raise fail("training.grad_dtype", f"{gpu.name} has no bf16 support; expected fp16 or fp32")
+    return Plan(tp=tp, pp=pp, cp=cp, dp=dp, zero=par.zero, sequence_parallel=par.sequence_parallel,
+                recompute=par.recompute, schedule=par.schedule, virtual_stages=v, seq_len=training.seq_len,
+                global_batch_size=training.global_batch_size, micro_batch_size=training.micro_batch_size,
+                precision=precision, optimizer=training.optimizer, grad_dtype=grad_dtype,
+                flash_attention=training.flash_attention, chunk_layers=chunks)

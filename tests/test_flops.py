@@ -1,0 +1,43 @@
+"""FLOP counts against Narayanan et al. 2021 eq. (3) and the PaLM/Llama MFU convention."""
+import pytest
+
+from sim.flops import model_flops_per_token, step_flops
+from sim.model import load_model
+
+
+def test_gpt3_model_flops_match_narayanan():
+    m = load_model({"base": "gpt3-175b", "vocab": 51200})
+    B, s, l, h, V = 1536, 2048, 96, 12288, 51200
+    model = 72 * B * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
+    hardware_full = 96 * B * s * l * h**2 * (1 + s / (6 * h) + V / (16 * l * h))
+    f = step_flops(m, tokens=B * s, seq_len=s, recompute="full")
+    assert f.model_flop == pytest.approx(model, rel=0.01)
+    assert f.hardware_flop == pytest.approx(hardware_full, rel=0.01)
+    assert step_flops(m, tokens=B * s, seq_len=s, recompute="none").hardware_flop == pytest.approx(model, rel=0.01)
+
+
+def test_selective_recompute_adds_attention_core_only():
+    # Korthikanti et al. 2022 §5: selective recompute re-runs QK^T and AV: 4 s h FLOP/token/layer forward
+    m = load_model("gpt3-175b")
+    s, tokens = 2048, 2048
+    none = step_flops(m, tokens=tokens, seq_len=s, recompute="none")
+    sel = step_flops(m, tokens=tokens, seq_len=s, recompute="selective")
+    assert sel.recompute_flop == pytest.approx(m.layers * 4 * s * m.hidden * tokens, rel=1e-12)
+    assert sel.model_flop == none.model_flop
+
+
+def test_llama_flops_per_token_palm_convention():
+    # PaLM Appendix B / Llama 3: 6 N + 12 L H Q T per token, with N the non-embedding params + output layer
+    m = load_model("llama3.1-405b")
+    T = 8192
+    n = m.total_params - m.embedding_params
+    expected = 6 * n + 12 * m.layers * m.heads * m.d_head * T
+    assert model_flops_per_token(m, T) == pytest.approx(expected, rel=0.002)
+
+
+def test_causal_halves_attention():
+    m = load_model("llama3-8b")
+    full = step_flops(m, tokens=1, seq_len=8192)
+    causal = step_flops(m, tokens=1, seq_len=8192, causal=True)
+    attn = 3 * m.layers * 4 * 8192 * m.q_width
+    assert full.model_flop - causal.model_flop == pytest.approx(attn / 2, rel=1e-12)

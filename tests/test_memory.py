@@ -1,0 +1,56 @@
+"""Model-state and activation memory against the ZeRO paper and hand calculations."""
+import dataclasses
+
+import pytest
+
+from sim.memory import bytes_per_param, microbatches_in_flight, model_state_bytes
+from sim.plan import Plan
+
+BASE = Plan(tp=1, pp=1, cp=1, dp=64, zero=0, sequence_parallel=False, recompute="none", schedule="1f1b",
+            virtual_stages=1, seq_len=2048, global_batch_size=64, micro_batch_size=1, precision="fp16",
+            optimizer="adamw", grad_dtype="fp16", flash_attention=True, chunk_layers=(1,))
+
+
+def plan(**kw) -> Plan:
+    return dataclasses.replace(BASE, **kw)
+
+
+# Rajbhandari et al. 2020 (ZeRO, arXiv:1910.02054) Figure 1: Psi = 7.5 B, K = 12, Nd = 64:
+# baseline (2 + 2 + K) Psi = 120 GB; P_os 31.4 GB; P_os+g 16.6 GB; P_os+g+p 1.9 GB.
+@pytest.mark.parametrize("zero, expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_example(zero, expected_gb):
+    total = sum(model_state_bytes(7.5e9, plan(zero=zero)))
+    assert total / 1e9 == pytest.approx(expected_gb, rel=0.02)
+
+
+@pytest.mark.parametrize("precision, grad, optimizer, expected", [
+    ("fp32", "fp32", "adamw", (4, 4, 8)),        # 16 B/param: fp32 weights, grads, two moments
+    ("bf16", "fp32", "adamw", (2, 4, 12)),       # Megatron bf16 default: 18 B/param
+    ("bf16", "bf16", "adamw", (2, 2, 12)),       # 16 B/param (ZeRO's 2 + 2 + 12)
+    ("fp16", "fp16", "adamw-8bit", (2, 2, 6)),   # master 4 + 1 + 1 byte moments
+    ("fp32", "fp32", "sgd", (4, 4, 4)),          # momentum buffer
+])
+def test_bytes_per_param(precision, grad, optimizer, expected):
+    assert bytes_per_param(plan(precision=precision, grad_dtype=grad, optimizer=optimizer)) == expected
+
+
+def test_llama7b_fp32_adam_needs_108_gb():
+    total = sum(model_state_bytes(6.74e9, plan(dp=1, precision="fp32", grad_dtype="fp32")))
+    assert total / 1e9 == pytest.approx(16 * 6.74, rel=1e-9)
+
+
+def test_in_flight_microbatches():
+    p = plan(pp=4, dp=1, global_batch_size=8, chunk_layers=(1, 1, 1, 1))
+    assert [microbatches_in_flight(p, i) for i in range(4)] == [4, 3, 2, 1]          # 1F1B: pp - stage
+    g = dataclasses.replace(p, schedule="gpipe")
+    assert [microbatches_in_flight(g, i) for i in range(4)] == [8, 8, 8, 8]          # GPipe: all m
+    small = dataclasses.replace(p, global_batch_size=2)
+    assert microbatches_in_flight(small, 0) == 2                                     # never more than m
+
+
+def test_interleaved_first_stage_factor():
+    # Korthikanti et al. 2022 §4.2.3: first stage holds p microbatches x (1 + (p-1)/(p v)) of its layers
+    p_, v = 8, 3
+    p = plan(pp=p_, dp=1, schedule="interleaved", virtual_stages=v, global_batch_size=64,
+             chunk_layers=(1,) * (p_ * v))
+    assert microbatches_in_flight(p, 0) == pytest.approx(p_ * (1 + (p_ - 1) / (p_ * v)), rel=1e-12)
