@@ -100,7 +100,7 @@ def append_csv(a: Analysis, path: str | Path) -> None:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GiB:8.2f}"
+    return f"{x / GiB:11.2f}"
 
 
 def to_text(a: Analysis) -> str:
@@ -115,14 +115,15 @@ def to_text(a: Analysis) -> str:
     p(f"Model      {s.model.describe()}")
     p(f"Cluster    {s.cluster.describe()}")
     p(f"Plan       {plan.describe()}")
+    recompute = "no recomputation" if plan.recompute == "none" else f"{plan.recompute} recomputation"
     p(f"FLOPs      {a.flops.model_flop:.4g} model FLOP per step ({a.flops_per_token:.4g} per token, "
-      f"{plan.tokens_per_step:,} tokens); {a.flops.hardware_flop:.4g} hardware FLOP with {plan.recompute} recompute")
+      f"{plan.tokens_per_step:,} tokens); {a.flops.hardware_flop:.4g} hardware FLOP with {recompute}")
     p(f"State      {w + g + o} bytes/param = {w} weights + {g} gradients + {o} optimizer -> "
       f"{a.model_state_bytes / GB:,.1f} GB for {s.model.total_params / 1e9:.2f} B params before sharding")
     p()
     p(f"Memory per GPU (GiB), one GPU per pipeline stage; usable capacity {peak.capacity / GiB:.2f} GiB")
-    p(f"{'stage':>5} {'layers':>6} {'mb':>5} " + " ".join(f"{c[:8]:>8}" for c in CATEGORIES)
-      + f" {'total':>8} {'headroom':>9}  fits")
+    p(f"{'stage':>5} {'layers':>6} {'mb':>5} " + " ".join(f"{c:>11}" for c in CATEGORIES)
+      + f" {'total':>11} {'headroom':>9}  fits")
     shown = a.stages if len(a.stages) <= 12 else a.stages[:5] + a.stages[-5:]
     for i, d in enumerate(shown):
         if len(a.stages) > 12 and i == 5:

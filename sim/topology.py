@@ -178,31 +178,42 @@ def available_topologies() -> list[str]:
     return sorted(p.name[:-5] for p in data_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def _read(resource: Any, file: str | None, key: str | None) -> dict:
-    data = yaml.safe_load(resource.read_text(encoding="utf-8"))
+def _read(resource: Any) -> dict:
+    try:
+        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"invalid YAML: {' '.join(str(exc).split())}", file=str(resource)) from None
     if not isinstance(data, dict):
-        raise ScenarioError("expected a node recipe mapping", file=file or str(resource), key=key)
+        raise ScenarioError("expected a node recipe mapping", file=str(resource))
     return data
 
 
-def _raw_recipe(ref: Any, base_dir: Path | None, file: str | None, key: str, depth: int = 0) -> tuple[dict, str | None, str, str]:
-    """(raw mapping with `base` merged in, its file, its name, key prefix) for a name, path or mapping."""
+def _recipe_path(ref: str | Path, base_dir: str | Path | None, file: str | None, key: str) -> Path:
+    path = Path(base_dir or ".") / ref
+    if not path.is_file():
+        raise ScenarioError(f"no such topology file {str(path)!r}", file=file, key=key)
+    return path.resolve()
+
+
+def _is_path(ref: Any) -> bool:
+    return isinstance(ref, (str, Path)) and str(ref).endswith((".yaml", ".yml"))
+
+
+def _raw_recipe(ref: Any, base_dir: str | Path | None, file: str | None, key: str,
+                depth: int = 0) -> tuple[dict, str | None, str, str]:
+    """(raw mapping with its `base` merged in, its file, its name, key prefix) of a name, path or mapping."""
     if isinstance(ref, Mapping):
         raw, src, name = dict(ref), file, str(ref.get("name", "inline"))
-    elif isinstance(ref, (str, Path)) and str(ref).endswith((".yaml", ".yml")):
-        path = Path(ref) if base_dir is None else Path(base_dir) / ref
-        if not path.is_file():
-            raise ScenarioError(f"no such topology file {str(path)!r}", file=file, key=key)
-        src, name = str(path), path.stem
-        raw, key, base_dir = _read(path, src, None), "", path.parent
+    elif _is_path(ref):
+        path = _recipe_path(ref, base_dir, file, key)
+        raw, src, name, key, base_dir = _read(path), str(path), path.stem, "", path.parent
+    elif isinstance(ref, str) and ref.lower() in available_topologies():
+        resource = data_dir() / f"{ref.lower()}.yaml"
+        raw, src, name, key = _read(resource), str(resource), ref.lower(), ""
     elif isinstance(ref, str):
         known = available_topologies()
-        if ref.lower() not in known:
-            raise ScenarioError(f"unknown topology {ref!r}{did_you_mean(ref.lower(), known)}; known: "
-                                f"{', '.join(known)} (or a path ending in .yaml)", file=file, key=key)
-        resource = data_dir() / f"{ref.lower()}.yaml"
-        src, name, key = str(resource), ref.lower(), ""
-        raw = _read(resource, src, None)
+        raise ScenarioError(f"unknown topology {ref!r}{did_you_mean(ref.lower(), known)}; known: "
+                            f"{', '.join(known)} (or a path ending in .yaml)", file=file, key=key)
     else:
         raise ScenarioError(f"expected a topology name, a .yaml path or a mapping, got {ref!r}", file=file, key=key)
     if "base" in raw:
@@ -218,19 +229,15 @@ def load_node_recipe(name_or_path: str | Path | Mapping, *, base_dir: str | Path
     """A node recipe from a packaged name, a ``.yaml``/``.yml`` path (relative to ``base_dir``) or a mapping.
 
     ``file`` and ``key`` locate the reference in the user's YAML for errors (unknown name: did-you-mean).
+    Named and file recipes are cached.
     """
     if isinstance(name_or_path, NodeRecipe):
         return name_or_path
-    if isinstance(name_or_path, Mapping):
-        return _build_recipe(*_raw_recipe(name_or_path, base_dir and Path(base_dir), file, key))
-    if isinstance(name_or_path, (str, Path)) and str(name_or_path).endswith((".yaml", ".yml")):
-        path = Path(name_or_path) if base_dir is None else Path(base_dir) / name_or_path
-        if not path.is_file():
-            raise ScenarioError(f"no such topology file {str(path)!r}", file=file, key=key)
-        return _cached_recipe(str(path.resolve()))
+    if _is_path(name_or_path):
+        return _cached_recipe(str(_recipe_path(name_or_path, base_dir, file, key)))
     if isinstance(name_or_path, str) and name_or_path.lower() in available_topologies():
         return _cached_recipe(name_or_path.lower())
-    return _build_recipe(*_raw_recipe(name_or_path, None, file, key))   # raises the right error
+    return _build_recipe(*_raw_recipe(name_or_path, base_dir, file, key))   # a mapping, or the error
 
 
 @functools.cache
@@ -375,9 +382,11 @@ class Cluster:
             raise bad("nodes", f"expected at least 1 node, got {self.nodes}")
         if self.nodes > 1 and self.recipe.num_rails == 0:
             raise bad("nodes", f"topology {self.recipe.name!r} has no NIC, so it runs on 1 node only, got {self.nodes}")
+        if self.nodes_per_leaf_group < 1:
+            raise bad("nodes_per_leaf_group", f"expected at least 1, got {self.nodes_per_leaf_group}")
         if self.oversubscription < 1 or self.core_oversubscription < 1:
             raise bad("oversubscription", "oversubscription ratios must be >= 1")
-        if self.pod_nodes is not None and self.pod_nodes % self.nodes_per_leaf_group:
+        if self.pod_nodes is not None and (self.pod_nodes < 1 or self.pod_nodes % self.nodes_per_leaf_group):
             raise bad("pod_nodes", f"pod_nodes ({self.pod_nodes}) must be a multiple of "
                                    f"nodes_per_leaf_group ({self.nodes_per_leaf_group})")
         if self.core_oversubscription != 1 and self.pod_nodes is None:

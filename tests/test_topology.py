@@ -365,3 +365,36 @@ def test_random_fabrics_route_between_any_gpus(nodes, group, oversub, pairs):
             edges = assert_valid_route(c, src, dst)
             # no fabric edge is slower than the NIC divided by the oversubscription
             assert c.route_bandwidth_bytes_per_s(edges) >= 25e9 / oversub - 1e-3
+
+
+def _two_path_recipe(tmp_path, wide_latency: str) -> Cluster:
+    (tmp_path / "two.yaml").write_text(
+        "gpu: h100\ngpus_per_node: 2\n"
+        "vertices: [{name: nvswitch, kind: nvswitch}, {name: sw, kind: pcie_switch}]\n"
+        "links:\n"
+        f"  - {{ends: ['gpu{{i}}', nvswitch], link: {{kind: nvlink, bandwidth: 450 GB/s, latency: {wide_latency}}}, count: 2}}\n"
+        "  - {ends: ['gpu{i}', sw], link: {kind: pcie, bandwidth: 63 GB/s, latency: 0.1 us}, count: 2}\n")
+    return cluster_from_mapping({"topology": "two.yaml"}, base_dir=tmp_path)
+
+
+def test_equal_hop_paths_prefer_the_wider_one_then_the_faster_one(tmp_path):
+    # both paths have 2 hops; the NVLink one is 7x wider but (here) slower to traverse
+    c = _two_path_recipe(tmp_path, "1 us")
+    assert kinds_on(c, c.route("n0.gpu0", "n0.gpu1")) == ["gpu", "nvswitch", "gpu"]
+
+
+def test_a_gpu_reachable_only_through_another_gpu_is_an_error(tmp_path):
+    # NVLink bridges gpu0-gpu1 and gpu1-gpu2 only: gpu0 -> gpu2 would have to transit gpu1
+    (tmp_path / "chain.yaml").write_text(
+        "gpu: h100\ngpus_per_node: 3\n"
+        "links:\n  - {ends: ['gpu{i}', 'gpu{i+1}'], link: nvlink4, count: 2}\n")
+    with pytest.raises(ScenarioError, match="gpu2 cannot be reached from gpu0"):
+        load_node_recipe("chain.yaml", base_dir=tmp_path)
+
+
+def test_direct_gpu_links_are_one_hop(tmp_path):
+    (tmp_path / "pair.yaml").write_text(
+        "gpu: h100-pcie\ngpus_per_node: 2\n"
+        "links:\n  - {ends: [gpu0, gpu1], link: {kind: nvlink, bandwidth: 300 GB/s, latency: 0.3 us}}\n")
+    c = cluster_from_mapping({"topology": "pair.yaml"}, base_dir=tmp_path)
+    assert c.route("n0.gpu1", "n0.gpu0") == [("n0.gpu1", "n0.gpu0")]
