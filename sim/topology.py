@@ -246,6 +246,7 @@ def _cached_recipe(ref: str) -> NodeRecipe:
 
 
 def _build_recipe(raw: dict, file: str | None, name: str, prefix: str) -> NodeRecipe:
+    """Validate a raw recipe mapping, expand its templates and check that every GPU is reachable."""
     e = _validate(_RecipeEntry, raw, file, prefix)
     gpu = get_gpu(e.gpu, file=file, key=_join(prefix, "gpu"))
     nic_count = e.nics.count if e.nics else 0
@@ -340,7 +341,8 @@ def _local_routes(vertices: list[Vertex], links: list[NodeLink], file: str | Non
 # ---------------------------------------------------------------------------------------------
 # Clusters
 
-class _Fabric(NamedTuple):
+class Fabric(NamedTuple):
+    """Switch counts and per-edge capacities of a cluster's fabric (see :class:`Cluster`)."""
     groups: int                 # leaf groups (scalable units)
     group_nodes: int            # nodes per group that the leaves are cabled for
     pods: int                   # 1 = two tiers
@@ -399,10 +401,12 @@ class Cluster:
 
     @property
     def gpus_per_node(self) -> int:
+        """GPUs in one node."""
         return self.recipe.gpus_per_node
 
     @property
     def num_gpus(self) -> int:
+        """GPUs in the cluster."""
         return self.nodes * self.recipe.gpus_per_node
 
     def gpu_vertices(self) -> list[str]:
@@ -414,7 +418,7 @@ class Cluster:
         return f"n{rank // self.gpus_per_node}.gpu{rank % self.gpus_per_node}"
 
     @functools.cached_property
-    def fabric(self) -> _Fabric | None:
+    def fabric(self) -> Fabric | None:
         """Sizes of the switch fabric (no graph needed); None for a single node."""
         if self.nodes == 1:
             return None
@@ -432,7 +436,7 @@ class Cluster:
             fastest_nic = max(spec.bandwidth_bytes_per_s for spec in self.recipe.nic_links)
             cores = max(1, min(math.ceil(pods * spines / 2), math.floor(spine_up / fastest_nic)))
             spine_core = spine_up / cores
-        return _Fabric(groups, group_nodes, pods, groups_per_pod, spines, cores,
+        return Fabric(groups, group_nodes, pods, groups_per_pod, spines, cores,
                        tuple(u / spines if spines else 0.0 for u in leaf_up), spine_core)
 
     def describe(self) -> str:
