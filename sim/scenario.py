@@ -18,7 +18,7 @@ from sim.memory import MemoryConfig
 from sim.model import ModelSpec, load_model
 from sim.plan import ParallelismConfig, Plan, TrainingConfig, resolve_plan
 from sim.schema import validate_section
-from sim.topology import Cluster, cluster_from_mapping
+from sim.cluster import Cluster, cluster_from_mapping
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "cluster", "training", "parallelism", "memory")
 

@@ -52,8 +52,7 @@ def validate_section(cls: type[T], data: Any, *, file: str | None, prefix: str) 
         return cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        key = f"{prefix}.{loc}" if loc else prefix
+        key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         if err.get("type") == "extra_forbidden":
             last = str(err["loc"][-1])
             hint = did_you_mean(last, cls.model_fields.keys())

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.errors import ScenarioError
-from sim.topology import Cluster, available_topologies, cluster_from_mapping, load_node_recipe
+from sim.cluster import Cluster, cluster_from_mapping
+from sim.topology import available_topologies, load_node_recipe
 
 GIB = 1024**3
 
