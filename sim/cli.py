@@ -13,6 +13,7 @@ import sys
 from sim.errors import ScenarioError
 
 LISTABLE = ("models", "gpus", "topologies")
+FULL_MODE_MAX_GPUS = 4096
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,11 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="override a scenario key, e.g. --set parallelism.tp=4 (repeatable)")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format on stdout")
     parser.add_argument("--csv", metavar="PATH", help="append one row with unit-suffixed columns to PATH")
+    parser.add_argument("--full", action="store_true", help="simulate every device (up to ~1,024 GPUs) "
+                        "instead of one per pipeline stage")
+    parser.add_argument("--memory-only", action="store_true", help="skip the step simulation (memory and FLOPs only)")
+    parser.add_argument("--trace", metavar="PATH", help="write a Chrome-trace JSON of the step (opens in Perfetto)")
+    parser.add_argument("--plot", metavar="PATH", help="draw the step timeline (PNG or SVG)")
     return parser
 
 
@@ -57,10 +63,23 @@ def run(argv: list[str]) -> int:
     from sim.report import append_csv, to_json, to_text
     from sim.scenario import load_scenario
 
-    analysis = analyze(load_scenario(args.scenario, args.overrides))
+    if args.memory_only and (args.trace or args.plot or args.full):
+        raise ScenarioError("--trace, --plot and --full need the step simulation; drop --memory-only", key="--memory-only")
+    scenario = load_scenario(args.scenario, args.overrides)
+    if args.full and scenario.plan.gpus > FULL_MODE_MAX_GPUS:
+        raise ScenarioError(f"--full simulates every device; {scenario.plan.gpus} GPUs is more than "
+                            f"{FULL_MODE_MAX_GPUS}: drop --full (the default mode is exact for symmetric plans)",
+                            key="--full")
+    analysis = analyze(scenario, simulate_step=not args.memory_only, full=args.full)
     print(to_json(analysis) if args.format == "json" else to_text(analysis), end="\n" if args.format == "json" else "")
     if args.csv:
         append_csv(analysis, args.csv)
+    if args.trace:
+        from sim.trace import write_trace
+        write_trace(analysis.step, args.trace)
+    if args.plot:
+        from sim.plot import plot_timeline
+        plot_timeline(analysis.step, args.plot, title=f"{scenario.name}: one step")
     return 0
 
 

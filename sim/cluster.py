@@ -208,6 +208,41 @@ class Cluster:
         graph.add_edges_from(edges)
         return graph
 
+    @functools.cached_property
+    def _local_links(self) -> dict[tuple[str, str], LinkSpec]:
+        out = {}
+        for a, b, spec in self.recipe.links:
+            out[(a, b)] = out[(b, a)] = spec
+        return out
+
+    def link_attrs(self, u: str, v: str) -> dict:
+        """Attributes of the directed edge u -> v, as in :attr:`graph`, without building the graph
+        (the engine needs only the edges its flows use)."""
+        def attrs(spec: LinkSpec, bandwidth: float | None = None) -> dict:
+            return {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
+                    "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+        nu, _, lu = u.partition(".") if u.startswith("n") else ("", "", u)
+        nv, _, lv = v.partition(".") if v.startswith("n") else ("", "", v)
+        if nu and nv:
+            if nu != nv or (lu, lv) not in self._local_links:
+                raise KeyError((u, v))
+            return attrs(self._local_links[(lu, lv)])
+        f = self.fabric
+        if f is None:
+            raise KeyError((u, v))
+        a, b = (lu, v) if nu else (lv, u)          # a: node-local end (if any), b: fabric end
+        if nu or nv:                               # NIC <-> leaf
+            if not (a.startswith("nic") and b.startswith("leaf")):
+                raise KeyError((u, v))
+            return attrs(self.recipe.nic_links[int(a[3:])])
+        leaf, other = (u, v) if u.startswith("leaf") else (v, u)
+        if leaf.startswith("leaf") and other.startswith("spine"):
+            rail = int(leaf.rpartition(".r")[2])
+            return attrs(self.recipe.nic_links[rail], f.leaf_spine_bytes_per_s[rail])
+        if {u[:4], v[:4]} == {"spin", "core"}:
+            return attrs(self.recipe.nic_links[0], f.spine_core_bytes_per_s)
+        raise KeyError((u, v))
+
     def stats(self) -> dict[str, int]:
         """Counts: ``vertices``, ``edges`` (directed) and vertices per kind (``gpu``, ``leaf``, ...)."""
         g = self.graph

@@ -50,10 +50,25 @@ def to_dict(a: Analysis) -> dict[str, Any]:
         "shortfall_bytes": max(d.shortfall for d in a.stages),
         "peak_stage": peak.stage,
         "memory_breakdown_bytes": peak.breakdown(),
+        **(_timing_dict(a) if a.step is not None else {}),
         "stages": [{"stage": d.stage, "layers": d.layers, "params": d.params,
                     "microbatches_in_flight": d.microbatches_in_flight, "total_bytes": d.total,
                     "fits": d.fits, "shortfall_bytes": d.shortfall, **{f"{k}_bytes": v for k, v in d.breakdown().items()},
                     "detail_bytes": d.detail} for d in a.stages],
+    }
+
+
+def _timing_dict(a: Analysis) -> dict[str, Any]:
+    step = a.step
+    assert step is not None
+    return {
+        **a.timing(),
+        "time_breakdown_s": a.time_breakdown_s,
+        "busiest_links": [{"link": name, "busy_fraction": frac} for name, frac in step.link_busy],
+        "simulated_devices": len(step.devices),
+        "simulation_mode": "full" if step.full else "symmetric",
+        "device_peaks_bytes": [{"device": r.vertex, "stage": r.stage, "peak_bytes": r.peak_bytes,
+                                "breakdown_bytes": r.peak_breakdown} for r in step.devices],
     }
 
 
@@ -74,6 +89,9 @@ def csv_row(a: Analysis) -> dict[str, Any]:
                 "fits": d["fits"], "peak_memory_bytes": d["peak_memory_bytes"], "capacity_bytes": d["capacity_bytes"],
                 "shortfall_bytes": d["shortfall_bytes"], "peak_stage": d["peak_stage"]})
     row.update({f"peak_{k}_bytes": v for k, v in d["memory_breakdown_bytes"].items()})
+    if a.step is not None:
+        row.update(a.timing())
+        row.update({f"time_{k}_s": v for k, v in a.time_breakdown_s.items()})
     return row
 
 
@@ -135,4 +153,16 @@ def to_text(a: Analysis) -> str:
     verdict = "fits" if a.fits else f"does NOT fit: {max(d.shortfall for d in a.stages) / GiB:.2f} GiB missing"
     p(f"Peak       stage {peak.stage}: {peak.total / GiB:.2f} GiB of {peak.capacity / GiB:.2f} GiB "
       f"({peak.total / peak.capacity:.0%}) -> {verdict}")
+    if a.step is not None:
+        t = a.timing()
+        p()
+        p(f"Step       {t['step_time_s']:.4g} s  |  {t['tokens_per_s']:,.0f} tokens/s  |  "
+          f"{t['tflops_per_gpu']:.1f} TFLOP/s per GPU  |  MFU {t['mfu']:.1%}  HFU {t['hfu']:.1%}")
+        parts = a.time_breakdown_s
+        p("Breakdown  " + ", ".join(f"{k.replace('_', ' ')} {v:.4g} s ({v / t['step_time_s']:.0%})"
+                                    for k, v in parts.items()) + "  (stage 0)")
+        if a.step.link_busy:
+            p("Busiest    " + ", ".join(f"{n} {f:.0%}" for n, f in a.step.link_busy[:4]))
+        mode = "every device" if a.step.full else "one device per stage, peers by symmetry"
+        p(f"Engine     {a.step.ops:,} ops, {len(a.step.devices)} devices simulated ({mode})")
     return out.getvalue()

@@ -399,3 +399,13 @@ def test_direct_gpu_links_are_one_hop(tmp_path):
         "links:\n  - {ends: [gpu0, gpu1], link: {kind: nvlink, bandwidth: 300 GB/s, latency: 0.3 us}}\n")
     c = cluster_from_mapping({"topology": "pair.yaml"}, base_dir=tmp_path)
     assert c.route("n0.gpu1", "n0.gpu0") == [("n0.gpu1", "n0.gpu0")]
+
+
+@pytest.mark.parametrize("spec", [{"topology": "dgx-h100", "nodes": 70}, {"topology": "t4-box", "nodes": 3},
+                                  {"topology": "dgx-a100", "nodes": 96, "pod_nodes": 64, "core_oversubscription": 2}])
+def test_link_attrs_without_graph_match_the_graph(spec):
+    c = cluster_from_mapping(spec)
+    edges = list(c.graph.edges(data=True))
+    assert edges and all(c.link_attrs(u, v) == a for u, v, a in edges)
+    with pytest.raises(KeyError):
+        c.link_attrs("n0.gpu0", "n1.gpu0")

@@ -1,0 +1,58 @@
+"""Achievable fractions of peak: one place, read from ``topologies/catalog/efficiency.yaml``.
+
+A GPU's efficiencies come from its architecture's entry, falling back to ``default``; ``measured``
+means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). Link efficiencies
+are per link kind.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from sim.hardware import GPUSpec, data_dir
+from sim.units import parse_quantity
+
+
+@dataclass(frozen=True, slots=True)
+class GPUEfficiency:
+    """Fractions of peak one GPU reaches, and its fixed per-kernel cost."""
+
+    gemm: float                 # dense GEMM FLOP/s / peak of the compute dtype
+    attention: float            # flash-attention FLOP/s / peak
+    memory: float               # memory-bound kernels: bytes/s / peak DRAM bandwidth
+    kernel_launch_s: float      # fixed time per kernel
+
+
+@functools.cache
+def _table() -> dict[str, Any]:
+    return yaml.safe_load((data_dir() / "catalog" / "efficiency.yaml").read_text(encoding="utf-8"))
+
+
+def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
+    rate = gpu.measured_gemm_flops_per_s.get(dtype)
+    if rate is None and dtype in ("bf16", "fp16"):  # bf16 and fp16 share the tensor cores
+        rate = gpu.measured_gemm_flops_per_s.get("fp16" if dtype == "bf16" else "bf16")
+    return rate / gpu.peak_flops_per_s[dtype] if rate and dtype in gpu.peak_flops_per_s else None
+
+
+def gpu_efficiency(gpu: GPUSpec, dtype: str) -> GPUEfficiency:
+    """Efficiencies of ``gpu`` computing in ``dtype``."""
+    table = _table()["gpu_arch"]
+    entry = {**table["default"], **table.get(gpu.arch, {})}
+    gemm = entry["gemm"]
+    if gemm == "measured":
+        gemm = _measured_gemm(gpu, dtype) or float(entry["gemm_fallback"])
+    memory = entry["memory"]
+    if memory == "measured":
+        measured = gpu.measured_memory_bandwidth_bytes_per_s
+        memory = measured / gpu.memory_bandwidth_bytes_per_s if measured else float(entry["memory_fallback"])
+    return GPUEfficiency(gemm=float(gemm), attention=float(entry["attention"]), memory=float(memory),
+                         kernel_launch_s=parse_quantity(entry["kernel_launch"], "s"))
+
+
+def link_efficiency(kind: str) -> float:
+    """Achievable fraction of a link's per-direction rate for collective traffic."""
+    return float(_table()["links"].get(kind, 1.0))

@@ -1,0 +1,316 @@
+"""SimPy replay of one optimizer step: streams per device, collectives as flows on the topology.
+
+Each simulated device runs its stage's :class:`~sim.workload.Program`. Every stream (compute, tp,
+cp, dp, pp) is a SimPy process that takes its ops in program order, as a CUDA stream does; an op
+starts when its dependencies (other ops of the device) and, for the first layer of a pipeline
+pass, the data from the neighbouring stage have arrived. Compute ops take their roofline time;
+collectives become flows on the cluster graph (:mod:`sim.collectives`) that share link bandwidth
+(:mod:`sim.network`). The pipeline bubble, overlap and contention come out of this replay.
+
+Symmetry (default): one device per pipeline stage (dp = cp = tp = 0) is simulated; the collectives
+of its groups carry the traffic of the symmetric copies that share links with them (``peers``).
+``full=True`` simulates every device; collectives then start when all members have reached them.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import simpy
+
+from sim.collectives import plan_collective
+from sim.compute import compute_dtype, kernels_time_s
+from sim.efficiency import gpu_efficiency, link_efficiency
+from sim.network import Network
+from sim.scenario import Scenario
+from sim.workload import Op, Program, lower
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One executed op: what ran where and when (seconds since the step began)."""
+
+    stream: str
+    name: str
+    phase: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class DeviceRun:
+    """What one simulated device did."""
+
+    stage: int
+    coord: tuple[int, int, int, int]          # (dp, pp, cp, tp)
+    vertex: str
+    spans: list[Span] = field(default_factory=list)
+    memory_samples: list[tuple[float, float]] = field(default_factory=list)   # (time s, bytes)
+    peak_bytes: float = 0.0
+    peak_breakdown: dict[str, float] = field(default_factory=dict)
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """Outcome of the replay."""
+
+    step_time_s: float
+    devices: list[DeviceRun]
+    link_busy: list[tuple[str, float]]          # busiest directed links: ("u->v", busy fraction)
+    ops: int
+    network_events: int
+    full: bool
+
+
+def _coord_index(t: int, c: int, d: int, p: int, tp: int, cp: int, dp: int) -> int:
+    """Global GPU rank of (tp, cp, dp, pp) ranks: tp innermost, then cp, dp, pp (Megatron-LM order)."""
+    return t + tp * (c + cp * (d + dp * p))
+
+
+class Engine:
+    """Replays one step of ``scenario``."""
+
+    def __init__(self, scenario: Scenario, *, full: bool = False, free_communication: bool = False):
+        self.s = scenario
+        self.free_communication = free_communication   # every collective and transfer takes no time
+        self.plan = scenario.plan
+        self.cluster = scenario.cluster
+        self.full = full
+        gpu = self.cluster.gpu
+        self.dtype = compute_dtype(self.plan.precision)
+        self.eff = gpu_efficiency(gpu, self.dtype if self.dtype != "fp8" else "fp8")
+        self.programs: list[Program] = lower(scenario.model, self.plan, scenario.memory, gpu)
+        self._durations: dict[int, float] = {}
+        self._groups: dict[tuple, tuple[str, ...]] = {}
+        self._peers: dict[tuple, tuple] = {}
+
+    # ---- placement -------------------------------------------------------------------------------
+    def vertex(self, t: int, c: int, d: int, p: int) -> str:
+        pl = self.plan
+        return self.cluster.gpu_vertex(_coord_index(t, c, d, p, pl.tp, pl.cp, pl.dp))
+
+    def group(self, kind: str, t: int, c: int, d: int, p: int) -> tuple[str, ...]:
+        """GPU vertices of the ``kind`` process group of rank (t, c, d, p), in ring order (cached)."""
+        key = (kind, t, c, d, p)
+        if key not in self._groups:
+            self._groups[key] = self._group(kind, t, c, d, p)
+        return self._groups[key]
+
+    def _group(self, kind: str, t: int, c: int, d: int, p: int) -> tuple[str, ...]:
+        pl = self.plan
+        if kind == "tp":
+            return tuple(self.vertex(x, c, d, p) for x in range(pl.tp))
+        if kind == "cp":
+            return tuple(self.vertex(t, x, d, p) for x in range(pl.cp))
+        if kind == "dp":   # gradients are reduced over dp x cp (Megatron-LM's data-parallel-with-cp group)
+            return tuple(self.vertex(t, x, y, p) for y in range(pl.dp) for x in range(pl.cp))
+        raise ValueError(kind)
+
+    def peers(self, kind: str, p: int) -> tuple[tuple[str, ...], ...]:
+        """Symmetric copies of the representative's group that share a node with it."""
+        if self.full:
+            return ()
+        if (kind, p) not in self._peers:
+            self._peers[(kind, p)] = self._find_peers(kind, p)
+        return self._peers[(kind, p)]
+
+    def _find_peers(self, kind: str, p: int) -> tuple[tuple[str, ...], ...]:
+        pl = self.plan
+        own = self.group(kind, 0, 0, 0, p)
+        nodes = {v.split(".")[0] for v in own}
+        if kind == "tp":
+            copies = [self.group("tp", 0, c, d, p) for d in range(pl.dp) for c in range(pl.cp)]
+        elif kind == "cp":
+            copies = [self.group("cp", t, 0, d, p) for d in range(pl.dp) for t in range(pl.tp)]
+        else:
+            copies = [self.group("dp", t, 0, 0, p) for t in range(pl.tp)]
+        return tuple(g for g in copies if g != own and nodes & {v.split(".")[0] for v in g})
+
+    def p2p_peers(self, src_p: int, dst_p: int) -> tuple[tuple[str, str], ...]:
+        if self.full:
+            return ()
+        own_node = self.vertex(0, 0, 0, src_p).split(".")[0]
+        out = []
+        for t in range(self.plan.tp):
+            for c in range(self.plan.cp):
+                pair = (self.vertex(t, c, 0, src_p), self.vertex(t, c, 0, dst_p))
+                if (t, c) != (0, 0) and pair[0].split(".")[0] == own_node:
+                    out.append(pair)
+        return tuple(out)
+
+    # ---- run -------------------------------------------------------------------------------------
+    def duration(self, op: Op) -> float:
+        key = id(op.kernels)
+        if key not in self._durations:
+            self._durations[key] = kernels_time_s(op.kernels, self.cluster.gpu, self.eff, self.dtype)
+        return self._durations[key]
+
+    def run(self) -> StepResult:
+        env = simpy.Environment()
+        net = Network(env, self.cluster.link_attrs, capacity_fraction=lambda u, v, a: link_efficiency(a["kind"]))
+        pl = self.plan
+        coords = [(d, p, c, t) for p in range(pl.pp) for d in range(pl.dp) for c in range(pl.cp)
+                  for t in range(pl.tp)] if self.full else [(0, p, 0, 0) for p in range(pl.pp)]
+        members_simulated = {"tp": pl.tp if self.full else 1, "cp": pl.cp if self.full else 1,
+                             "dp": pl.dp * pl.cp if self.full else 1}
+        keys: dict[tuple, simpy.Event] = {}
+        key_time: dict[tuple, tuple[float, float]] = {}     # key -> (send start, arrival)
+        rendezvous: dict[tuple, list] = {}
+        plans_cache: dict[tuple, object] = {}
+        plans_by_op: dict[tuple, tuple] = {}
+        runs: list[DeviceRun] = []
+        ops_count = 0
+
+        def key_event(key: tuple) -> simpy.Event:
+            if key not in keys:
+                keys[key] = env.event()
+            return keys[key]
+
+        def collective_plan(op: Op, dev_coord, stage):
+            memo = (op.collective, op.peer_stage, dev_coord)
+            if memo not in plans_by_op:
+                plans_by_op[memo] = make_plan(op, dev_coord)
+            return plans_by_op[memo]
+
+        def make_plan(op: Op, dev_coord):
+            d, p, c, t = dev_coord
+            col = op.collective
+            if col.group == "pp":
+                dst = op.peer_stage
+                group = (self.vertex(t, c, d, p), self.vertex(t, c, d, dst))
+                peers = self.p2p_peers(p, dst)
+            else:
+                group = self.group(col.group, t, c, d, p)
+                peers = self.peers(col.group, p)
+            cache_key = (col.kind, col.size_bytes, group, peers)
+            if cache_key not in plans_cache:
+                plans_cache[cache_key] = plan_collective(col.kind, col.size_bytes, group, self.cluster, peers=peers)
+            return plans_cache[cache_key], group
+
+        def run_collective(op: Op, dev_coord, stage):
+            if self.free_communication:
+                return
+            plan, group = collective_plan(op, dev_coord, stage)
+            for _ in range(op.collective.count):
+                yield net.run_plan(plan, tag=op.name)
+
+        for coord in coords:
+            d, p, c, t = coord
+            prog = self.programs[p]
+            run = DeviceRun(stage=p, coord=coord, vertex=self.vertex(t, c, d, p))
+            runs.append(run)
+            done = [env.event() for _ in prog.ops]
+            mem = defaultdict(float, prog.static_bytes)
+            state = {"peak": sum(mem.values()), "peak_breakdown": dict(mem)}
+            run.memory_samples.append((0.0, state["peak"]))
+            by_stream: dict[str, list[Op]] = defaultdict(list)
+            for op in prog.ops:
+                by_stream[op.stream].append(op)
+            dev_id = (d, c, t)
+
+            def change(items, sign, mem=mem, state=state, run=run):
+                for cat, nbytes in items:
+                    mem[cat] += sign * nbytes
+                total = sum(mem.values())
+                run.memory_samples.append((env.now, total))
+                if total > state["peak"] + 1e-6:
+                    state["peak"] = total
+                    state["peak_breakdown"] = dict(mem)
+
+            def stream(ops, coord=coord, done=done, run=run, dev_id=dev_id, change=change):
+                for op in ops:
+                    waits = [done[i] for i in op.deps]
+                    if op.wait is not None:
+                        waits.append(key_event((dev_id, *op.wait)))
+                    if waits:
+                        yield env.all_of(waits)
+                    start = env.now
+                    if op.alloc:
+                        change(op.alloc, +1)
+                    if op.kernels:
+                        yield env.timeout(self.duration(op))
+                    elif op.collective is not None and op.collective.group == "pp":
+                        yield from run_collective(op, coord, run.stage)
+                        key = (dev_id, *op.signal)
+                        key_time[key] = (start, env.now)
+                        key_event(key).succeed()
+                    elif op.collective is not None:
+                        need = members_simulated[op.collective.group]
+                        if need <= 1:
+                            yield from run_collective(op, coord, run.stage)
+                        else:
+                            _, group = collective_plan(op, coord, run.stage)
+                            rv = rendezvous.setdefault((group, op.name), [0, env.event()])
+                            rv[0] += 1
+                            if rv[0] == need:
+                                def launch(op=op, coord=coord, stage=run.stage, ev=rv[1]):
+                                    yield from run_collective(op, coord, stage)
+                                    ev.succeed()
+                                env.process(launch())
+                            yield rv[1]
+                    if op.free:
+                        change(op.free, -1)
+                    run.spans.append(Span(op.stream, op.name, op.phase, start, env.now))
+                    done[op.index].succeed()
+            for name in sorted(by_stream):
+                env.process(stream(by_stream[name]))
+            ops_count += len(prog.ops)
+            run.peak_breakdown = state["peak_breakdown"]
+            run._state = state  # type: ignore[attr-defined]
+
+        env.run()
+        step = env.now
+        for run in runs:
+            run.peak_bytes = run._state["peak"]            # type: ignore[attr-defined]
+            run.peak_breakdown = run._state["peak_breakdown"]  # type: ignore[attr-defined]
+            run.breakdown_s = self._breakdown(run, step, key_time)
+        busy = net.top_links(step, 10) if step > 0 else []
+        link_busy = [(f"{u}->{v}", frac) for (u, v), frac in busy]
+        return StepResult(step_time_s=step, devices=runs, link_busy=link_busy, ops=ops_count,
+                          network_events=getattr(net, "events", 0), full=self.full)
+
+    # ---- where the time went ------------------------------------------------------------------------
+    def _breakdown(self, run: DeviceRun, step: float, key_time) -> dict[str, float]:
+        """Split the step on this device's compute stream into named parts that add up to the step."""
+        prog = self.programs[run.stage]
+        ends = {}
+        spans = {s.name: s for s in run.spans}
+        for op in prog.ops:
+            ends[op.index] = spans[op.name].end_s
+        out = dict.fromkeys(("compute", "exposed_comm", "bubble", "optimizer", "other"), 0.0)
+        prev_end = 0.0
+        d, p, c, t = run.coord
+        for op in prog.ops:
+            if op.stream != "compute":
+                continue
+            span = spans[op.name]
+            gap = span.start_s - prev_end
+            if gap > 0:
+                dep_ready = max((ends[i] for i in op.deps), default=0.0)
+                wait_ready, send_start = 0.0, 0.0
+                if op.wait is not None:
+                    send_start, wait_ready = key_time.get(((d, c, t), *op.wait), (0.0, 0.0))
+                if wait_ready >= dep_ready and op.wait is not None:
+                    comm = max(0.0, span.start_s - max(prev_end, send_start))
+                    out["exposed_comm"] += comm
+                    out["bubble"] += gap - comm
+                else:
+                    last = max(op.deps, key=lambda i: ends[i]) if op.deps else None
+                    kind = prog.ops[last].stream if last is not None else "compute"
+                    out["exposed_comm" if kind != "compute" else "other"] += gap
+            out["optimizer" if op.phase == "optimizer" else "compute"] += span.end_s - span.start_s
+            prev_end = span.end_s
+        last_activity = max((s.end_s for s in run.spans), default=0.0)
+        out["exposed_comm"] += max(0.0, last_activity - prev_end)
+        out["bubble"] += max(0.0, step - max(last_activity, prev_end))
+        assert math.isclose(sum(out.values()), step, rel_tol=1e-9, abs_tol=1e-12), (out, step)
+        return out
+
+
+def simulate(scenario: Scenario, *, full: bool = False, free_communication: bool = False) -> StepResult:
+    """Replay one step of ``scenario`` (optionally with communication made free, for what-ifs)."""
+    return Engine(scenario, full=full, free_communication=free_communication).run()

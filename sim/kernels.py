@@ -1,0 +1,111 @@
+"""What one GPU executes: the kernels of a layer pass, of the embedding, the logits and the optimizer.
+
+Quantities are per TP rank and per microbatch (T = seq_len / cp x micro_batch tokens). GEMMs are
+(m x k) @ (k x n) at 2mkn FLOP reading A and B and writing C; the attention core is a causal
+flash-attention kernel (half of the s x s square; its backward re-computes the scores, 2.5x the
+forward FLOPs, Dao 2023 §3.1.2); norms, activations, rotary embeddings and residual adds are
+memory-bound kernels costed by the bytes they read and write. With sequence parallelism the
+norms and residual adds work on T/tp tokens (Korthikanti et al. 2022 §4.2.2).
+"""
+from __future__ import annotations
+
+from sim.activations import kv_heads_per_rank
+from sim.compute import Kernel
+from sim.memory import padded_vocab
+from sim.model import ModelSpec
+from sim.plan import DTYPE_BYTES, Plan
+
+FLASH_BACKWARD_FLOP_FACTOR = 2.5   # FlashAttention backward = 5 matmuls vs 2 in the forward (Dao 2023)
+
+# Optimizer DRAM traffic per (sharded) parameter: read the gradient, read and write the fp32 master
+# copy and each state, write the 16-bit weight (fused multi-tensor Adam, one pass).
+OPTIMIZER_STATE_TENSORS = {"adamw": 2, "adamw-8bit": 2, "sgd": 1}
+OPTIMIZER_STATE_BYTES = {"adamw": 4, "adamw-8bit": 1, "sgd": 4}
+
+
+def _gemm(name: str, m: float, k: float, n: float, e: float, w: float) -> Kernel:
+    return Kernel(name, "gemm", 2.0 * m * k * n, m * k * e + k * n * w + m * n * e)
+
+
+def _mem(name: str, nbytes: float) -> Kernel:
+    return Kernel(name, "memory", 0.0, nbytes)
+
+
+def _backward_of(k: Kernel) -> tuple[Kernel, ...]:
+    """dgrad and wgrad GEMMs (each the forward's FLOPs); memory kernels move about twice the bytes."""
+    if k.kind == "gemm":
+        return (Kernel(k.name + ".dgrad", "gemm", k.flop, k.bytes), Kernel(k.name + ".wgrad", "gemm", k.flop, k.bytes))
+    if k.kind == "attention":
+        return (Kernel(k.name + ".bwd", "attention", FLASH_BACKWARD_FLOP_FACTOR * k.flop, 2.0 * k.bytes),)
+    return (Kernel(k.name + ".bwd", "memory", 0.0, 2.0 * k.bytes),)
+
+
+class LayerKernels:
+    """Kernel lists of one transformer layer for a plan, computed once and shared by every op."""
+
+    def __init__(self, model: ModelSpec, plan: Plan):
+        self.model, self.plan = model, plan
+        self.e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+        self.w = DTYPE_BYTES["fp8"] if plan.precision == "fp8" else self.e
+        self.tokens = plan.seq_len / plan.cp * plan.micro_batch_size
+        self.forward = self._forward()
+        self.attention_core = tuple(k for k in self.forward if k.kind == "attention")
+        self.backward = tuple(b for k in reversed(self.forward) for b in _backward_of(k))
+
+    def _forward(self) -> tuple[Kernel, ...]:
+        m, p = self.model, self.plan
+        e, w, T, tp, h = self.e, self.w, self.tokens, p.tp, m.hidden
+        t_sp = T / tp if p.sequence_parallel else T          # tokens seen by norms and residual adds
+        q = m.q_width / tp
+        kv = kv_heads_per_rank(m, tp) * m.d_head
+        f = m.ffn_hidden / tp
+        up = 2 * f if m.ffn_kind == "swiglu" else f
+        s_keys = p.seq_len                                   # each query attends to the whole (causal) sequence
+        ks = [_mem("norm1", 2 * t_sp * h * e), _gemm("qkv", T, h, q + 2 * kv, e, w)]
+        if m.position == "rope":
+            ks.append(_mem("rope", 2 * T * (q + kv) * e))
+        ks += [Kernel("attention", "attention", 4.0 * T * s_keys * q / 2, T * (2 * q + 2 * kv) * e),
+               _gemm("out_proj", T, q, h, e, w),
+               _mem("residual1", 3 * t_sp * h * e),
+               _mem("norm2", 2 * t_sp * h * e),
+               _gemm("mlp_up", T, h, up, e, w),
+               _mem("activation", (up + f) * T * e),
+               _gemm("mlp_down", T, f, h, e, w),
+               _mem("residual2", 3 * t_sp * h * e)]
+        return tuple(ks)
+
+    def recompute(self) -> tuple[Kernel, ...]:
+        """Forward work re-executed before a layer's backward."""
+        if self.plan.recompute == "full":
+            return self.forward
+        if self.plan.recompute == "selective" and not self.plan.flash_attention:
+            return self.attention_core
+        return ()
+
+    def embedding_forward(self) -> tuple[Kernel, ...]:
+        return (_mem("embedding", 2 * self.tokens * self.model.hidden * self.e),)
+
+    def embedding_backward(self) -> tuple[Kernel, ...]:
+        # scatter-add of the output gradient into the (fp32) embedding gradient
+        return (_mem("embedding.bwd", self.tokens * self.model.hidden * (self.e + 2 * 4)),)
+
+    def logits_forward(self) -> tuple[Kernel, ...]:
+        m, p, T = self.model, self.plan, self.tokens
+        v = padded_vocab(m, p.tp) / p.tp
+        t_sp = T / p.tp if p.sequence_parallel else T
+        return (_mem("final_norm", 2 * t_sp * m.hidden * self.e),
+                _gemm("logits", T, m.hidden, v, self.e, self.w),
+                _mem("cross_entropy", T * v * (self.e + 4 + 4)))   # read logits, fp32 softmax out and back
+
+    def logits_backward(self) -> tuple[Kernel, ...]:
+        fwd = self.logits_forward()
+        return tuple(b for k in reversed(fwd) for b in _backward_of(k))
+
+
+def optimizer_kernels(params: float, plan: Plan) -> tuple[Kernel, ...]:
+    """Gradient-norm pass plus one fused optimizer pass over ``params`` (already divided by ZeRO)."""
+    grad = DTYPE_BYTES[plan.grad_dtype]
+    mixed = plan.precision != "fp32"
+    states = OPTIMIZER_STATE_TENSORS[plan.optimizer] * OPTIMIZER_STATE_BYTES[plan.optimizer]
+    per_param = grad + 2 * (4 + states) + (2 if mixed else 0)   # grad in; master/weight and states in+out
+    return (_mem("grad_norm", params * grad), _mem("optimizer_step", params * per_param))

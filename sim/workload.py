@@ -1,0 +1,226 @@
+"""Lowering: model x plan -> one op program per pipeline stage (data: printable, testable).
+
+Every device of a stage runs the same program; only the process groups its collectives use differ
+(the engine maps a program onto devices). Granularity: one compute op per (microbatch, layer,
+pass), carrying its kernels; the TP collectives of a layer pass are one op on the ``tp`` stream
+(Megatron-LM runs them on the critical path unless TP-comm overlap is on: forward with sequence
+parallelism = 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation, without it 2
+all-reduces; the backward the same); with context parallelism the K/V ring exchange runs on the
+``cp`` stream concurrently with the attention core; the last microbatch's backward fills gradient
+buckets that are reduced on the ``dp`` stream as soon as they are full (Megatron-LM DDP
+overlap_grad_reduce); activations go to the next stage on the ``pp`` stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sim.activations import embedding_activation_bytes, kv_heads_per_rank, layer_activation_bytes, \
+    output_activation_bytes
+from sim.compute import Kernel
+from sim.kernels import LayerKernels, optimizer_kernels
+from sim.memory import layer_params_per_rank, model_state_bytes, padded_vocab, stage_memory
+from sim.model import ModelSpec
+from sim.plan import DTYPE_BYTES, Plan
+from sim.schedule import stage_schedule
+
+# Megatron-LM DDP: bucket_size = max(40,000,000, 1,000,000 x dp) parameters
+# (megatron/core/distributed/distributed_data_parallel.py).
+BUCKET_MIN_PARAMS = 40_000_000
+BUCKET_PARAMS_PER_DP_RANK = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    """A collective on one of the device's process groups (size as nccl-tests counts it)."""
+
+    kind: str                 # all_reduce | reduce_scatter | all_gather | p2p
+    group: str                # tp | cp | dp (data-parallel incl. cp) | pp (to the stage in ``peer_stage``)
+    size_bytes: float
+    count: int = 1            # back-to-back repetitions merged into this op
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One node of a stage's op graph."""
+
+    index: int
+    stream: str                               # compute | tp | cp | dp | pp
+    name: str
+    phase: str                                # forward | backward | recompute | optimizer | comm
+    deps: tuple[int, ...] = ()                # ops of the same device that must finish first
+    kernels: tuple[Kernel, ...] = ()
+    collective: Collective | None = None
+    peer_stage: int | None = None             # pp sends: destination stage
+    signal: tuple | None = None               # pp sends: key set when the data has arrived
+    wait: tuple | None = None                 # compute ops: key of the pp data they need
+    alloc: tuple[tuple[str, float], ...] = ()  # (category, bytes) allocated when the op starts
+    free: tuple[tuple[str, float], ...] = ()   # (category, bytes) freed when the op ends
+
+    def __str__(self) -> str:
+        what = f"{self.collective.kind}[{self.collective.group}] {self.collective.size_bytes:.3g} B" \
+            f"{' x' + str(self.collective.count) if self.collective.count > 1 else ''}" if self.collective \
+            else f"{len(self.kernels)} kernels, {sum(k.flop for k in self.kernels):.3g} FLOP"
+        extra = f" wait={self.wait}" if self.wait else ""
+        return f"#{self.index:<5} {self.stream:<7} {self.name:<28} {what}  deps={list(self.deps)}{extra}"
+
+
+@dataclass
+class Program:
+    """The ops of one pipeline stage, in program order (each stream runs its own ops in this order)."""
+
+    stage: int
+    ops: list[Op] = field(default_factory=list)
+    static_bytes: dict[str, float] = field(default_factory=dict)   # weights, gradients, optimizer, other
+
+    def add(self, stream: str, name: str, phase: str, deps=(), **kw) -> int:
+        op = Op(len(self.ops), stream, name, phase, tuple(d for d in deps if d is not None), **kw)
+        self.ops.append(op)
+        return op.index
+
+    def dump(self) -> str:
+        return "\n".join(str(op) for op in self.ops)
+
+
+class _Lowering:
+    """Builds the programs; holds the per-plan constants."""
+
+    def __init__(self, model: ModelSpec, plan: Plan, memory_config, gpu):
+        self.model, self.plan, self.memory_config, self.gpu = model, plan, memory_config, gpu
+        self.k = LayerKernels(model, plan)
+        self.e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+        shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
+                     sequence_parallel=plan.sequence_parallel, cp=plan.cp)
+        self.layer_act = layer_activation_bytes(model, **shape, recompute=plan.recompute,
+                                                flash_attention=plan.flash_attention, dtype_bytes=self.e)
+        full = layer_activation_bytes(model, **shape, recompute="none", flash_attention=plan.flash_attention,
+                                      dtype_bytes=self.e)
+        self.recompute_ws = full - self.layer_act if plan.recompute != "none" else 0.0
+        self.embed_act = embedding_activation_bytes(model, **shape)
+        self.logits_act = output_activation_bytes(model, **shape, dtype_bytes=self.e)
+        tokens = plan.seq_len / plan.cp * plan.micro_batch_size
+        self.tokens = tokens
+        # TP: 2 all-gathers + 2 reduce-scatters (SP) or 2 all-reduces of the full [s/cp, b, h] activation
+        act_bytes = tokens * model.hidden * self.e
+        if plan.tp > 1:
+            self.tp_comm = (Collective("all_gather", "tp", act_bytes, 2), Collective("reduce_scatter", "tp", act_bytes, 2)) \
+                if plan.sequence_parallel else (Collective("all_reduce", "tp", act_bytes, 2),)
+        else:
+            self.tp_comm = ()
+        # CP: every rank gathers the K and V of the other cp - 1 chunks (ring attention)
+        kv = kv_heads_per_rank(model, plan.tp) * model.d_head
+        self.cp_comm = Collective("all_gather", "cp", 2 * plan.seq_len * plan.micro_batch_size * kv * self.e) \
+            if plan.cp > 1 else None
+        self.p2p_bytes = tokens * model.hidden * self.e / plan.tp      # Megatron scatter-gather / SP shard
+        self.layer_params = layer_params_per_rank(model, plan.tp)
+        self.embed_params = padded_vocab(model, plan.tp) * model.hidden / plan.tp
+        self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def tp_ops(self, prog: Program, name: str, phase: str, dep: int) -> int:
+        last = dep
+        for c in self.tp_comm:
+            last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=c)
+        return last
+
+    def layer_forward(self, prog: Program, name: str, phase: str, dep, wait=None, alloc=()) -> int:
+        k = self.k
+        if self.cp_comm is None:
+            op = prog.add("compute", name, phase, (dep,), kernels=k.forward, wait=wait, alloc=alloc)
+        else:   # pre-attention GEMMs, then the attention core concurrently with the K/V exchange
+            attn = [i for i, x in enumerate(k.forward) if x.kind == "attention"][0]
+            pre = prog.add("compute", name + ".pre", phase, (dep,), kernels=k.forward[:attn], wait=wait, alloc=alloc)
+            kv = prog.add("cp", name + ".kv", "comm", (pre,), collective=self.cp_comm)
+            core = prog.add("compute", name + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
+            op = prog.add("compute", name + ".post", phase, (core, kv), kernels=k.forward[attn + 1:])
+        return self.tp_ops(prog, name, phase, op)
+
+    def grad_sync(self, prog: Program, name: str, params: float, dep: int) -> int:
+        kind = "all_reduce" if self.plan.zero == 0 else "reduce_scatter"
+        size = params * DTYPE_BYTES[self.plan.grad_dtype]
+        return prog.add("dp", name, "comm", (dep,), collective=Collective(kind, "dp", size))
+
+    # ---- a stage --------------------------------------------------------------------------------
+    def program(self, stage: int) -> Program:
+        plan, k = self.plan, self.k
+        pp, v, m = plan.pp, plan.virtual_stages, plan.microbatches
+        last_chunk = pp * v - 1
+        mem = stage_memory(self.model, plan, self.gpu, self.memory_config, stage)
+        prog = Program(stage, static_bytes={"weights": mem.weights, "gradients": mem.gradients,
+                                            "optimizer": mem.optimizer, "other": mem.other})
+        prev = None                    # the last op of the compute chain
+        grad_ops: list[int] = []
+        bucket = 0.0
+        dp_sharded = plan.dp * plan.cp > 1
+        for phase, mb, c in stage_schedule(plan.schedule, pp, stage, m, v):
+            g = c * pp + stage
+            layers = plan.chunk_layers[g]
+            tag = f"mb{mb}.c{g}"
+            if phase == "F":
+                wait = ("act", mb, g) if g > 0 else None
+                if g == 0:
+                    prev = prog.add("compute", f"F.{tag}.embed", "forward", (prev,), kernels=k.embedding_forward(),
+                                    wait=wait, alloc=(("activations", self.embed_act),))
+                    wait = None
+                for layer in range(layers):
+                    prev = self.layer_forward(prog, f"F.{tag}.L{layer}", "forward", prev, wait=wait,
+                                              alloc=(("activations", self.layer_act),))
+                    wait = None
+                if g == last_chunk:
+                    prev = prog.add("compute", f"F.{tag}.logits", "forward", (prev,), kernels=k.logits_forward(),
+                                    alloc=(("activations", self.logits_act),))
+                else:
+                    prog.add("pp", f"send.act.{tag}", "comm", (prev,), peer_stage=(g + 1) % pp,
+                             signal=("act", mb, g + 1), collective=Collective("p2p", "pp", self.p2p_bytes))
+            else:
+                wait = ("grad", mb, g) if g < last_chunk else None
+                last_mb = mb == m - 1
+                if g == last_chunk:
+                    prev = prog.add("compute", f"B.{tag}.logits", "backward", (prev,), kernels=k.logits_backward(),
+                                    free=(("activations", self.logits_act),))
+                for layer in reversed(range(layers)):
+                    name = f"B.{tag}.L{layer}"
+                    recompute = k.recompute()
+                    alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
+                    if recompute and plan.recompute == "full":
+                        prev = self.layer_forward(prog, f"R.{tag}.L{layer}", "recompute", prev, wait=wait, alloc=alloc)
+                        wait, alloc = None, ()
+                    elif recompute:
+                        prev = prog.add("compute", f"R.{tag}.L{layer}", "recompute", (prev,), kernels=recompute,
+                                        wait=wait, alloc=alloc)
+                        wait, alloc = None, ()
+                    free = (("activations", self.layer_act + self.recompute_ws),)
+                    op = prog.add("compute", name, "backward", (prev,), kernels=k.backward, wait=wait, alloc=alloc,
+                                  free=free)
+                    wait = None
+                    prev = self.tp_ops(prog, name, "backward", op)
+                    if last_mb and dp_sharded:
+                        bucket += self.layer_params
+                        if bucket >= self.bucket_params:
+                            grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, op))
+                            bucket = 0.0
+                if g == 0:
+                    prev = prog.add("compute", f"B.{tag}.embed", "backward", (prev,), kernels=k.embedding_backward(),
+                                    wait=wait, free=(("activations", self.embed_act),))
+                    if last_mb and dp_sharded:
+                        bucket += self.embed_params
+                else:
+                    prog.add("pp", f"send.grad.{tag}", "comm", (prev,), peer_stage=(g - 1) % pp,
+                             signal=("grad", mb, g - 1), collective=Collective("p2p", "pp", self.p2p_bytes))
+        if dp_sharded and bucket > 0:
+            grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, prev))
+        params = mem.params
+        _, _, optim_bytes = model_state_bytes(params, plan)
+        shard = plan.dp * plan.cp if plan.zero >= 1 else 1
+        opt = prog.add("compute", "optimizer", "optimizer", (prev, *grad_ops),
+                       kernels=optimizer_kernels(params / shard, plan))
+        if plan.zero >= 1 and dp_sharded:   # distributed optimizer: gather the updated 16-bit weights
+            weight_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+            prog.add("dp", "dp.params.all_gather", "comm", (opt,),
+                     collective=Collective("all_gather", "dp", params * weight_bytes))
+        return prog
+
+
+def lower(model: ModelSpec, plan: Plan, memory_config, gpu) -> list[Program]:
+    """One program per pipeline stage."""
+    low = _Lowering(model, plan, memory_config, gpu)
+    return [low.program(s) for s in range(plan.pp)]
