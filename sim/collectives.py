@@ -227,6 +227,15 @@ class CollectivePlan:
         return sum(max((f.isolated_time_s(capacity_bytes_per_s) for f in phase), default=0.0)
                    for phase in self.phases)
 
+    def repeated(self, count: int) -> "CollectivePlan":
+        """``count`` back-to-back runs of this plan as one: every flow's bytes and latency times ``count``
+        (exact on an otherwise idle network; under contention the runs share links as one)."""
+        if count == 1:
+            return self
+        phases = tuple(tuple(Flow(f.volume_bytes * count, f.edges, f.latency_s * count) for f in phase)
+                       for phase in self.phases)
+        return replace(self, size_bytes=self.size_bytes * count, phases=phases)
+
     def describe(self) -> str:
         """Several lines: the collective, then per phase its flows (bytes per edge, edges, latency)."""
         head = (f"{self.kind} of {_fmt_bytes(self.size_bytes)} over {self.group_size} GPU(s), "

@@ -128,17 +128,36 @@ class Engine:
             copies = [self.group("cp", t, 0, d, p) for d in range(pl.dp) for t in range(pl.tp)]
         else:
             copies = [self.group("dp", t, 0, 0, p) for t in range(pl.tp)]
-        return tuple(g for g in copies if g != own and nodes & {v.split(".")[0] for v in g})
+        own_edges = self._local_edges(own)
+        return tuple(g for g in copies if g != own and nodes & {v.split(".")[0] for v in g}
+                     and own_edges & self._local_edges(g))
+
+    def _local_edges(self, group: tuple[str, ...]) -> set[tuple[str, str]]:
+        """Node-local edges a group's traffic can use: each GPU to and from its NIC, and the routes
+        between group members in the same node. Fabric links beyond a NIC are per rail, so groups that
+        share none of these edges (and no NIC) cannot share any link."""
+        recipe, out = self.cluster.recipe, set()
+        for i, a in enumerate(group):
+            node, _, local = a.partition(".")
+            rail = recipe.gpu_rails[int(local[3:])]
+            ends = [f"nic{rail}"] if rail is not None else []
+            ends += [b.partition(".")[2] for b in group[i + 1:] if b.partition(".")[0] == node]
+            for end in ends:
+                for x, y in ((local, end), (end, local)):
+                    path = recipe.routes.get((x, y), ())
+                    out.update((f"{node}.{p}", f"{node}.{q}") for p, q in zip(path, path[1:]))
+        return out
 
     def p2p_peers(self, src_p: int, dst_p: int) -> tuple[tuple[str, str], ...]:
         if self.full:
             return ()
-        own_node = self.vertex(0, 0, 0, src_p).split(".")[0]
+        own = (self.vertex(0, 0, 0, src_p), self.vertex(0, 0, 0, dst_p))
+        own_edges = self._local_edges(own)
         out = []
         for t in range(self.plan.tp):
             for c in range(self.plan.cp):
                 pair = (self.vertex(t, c, 0, src_p), self.vertex(t, c, 0, dst_p))
-                if (t, c) != (0, 0) and pair[0].split(".")[0] == own_node:
+                if (t, c) != (0, 0) and own_edges & self._local_edges(pair):
                     out.append(pair)
         return tuple(out)
 
@@ -173,7 +192,8 @@ class Engine:
         def collective_plan(op: Op, dev_coord, stage):
             memo = (op.collective, op.peer_stage, dev_coord)
             if memo not in plans_by_op:
-                plans_by_op[memo] = make_plan(op, dev_coord)
+                plan, group = make_plan(op, dev_coord)
+                plans_by_op[memo] = (plan.repeated(op.collective.count), group)
             return plans_by_op[memo]
 
         def make_plan(op: Op, dev_coord):
@@ -195,8 +215,7 @@ class Engine:
             if self.free_communication:
                 return
             plan, group = collective_plan(op, dev_coord, stage)
-            for _ in range(op.collective.count):
-                yield net.run_plan(plan, tag=op.name)
+            yield net.run_plan(plan, tag=op.name)
 
         for coord in coords:
             d, p, c, t = coord

@@ -1,8 +1,10 @@
 """Lowering: model x plan -> one op program per pipeline stage (data: printable, testable).
 
 Every device of a stage runs the same program; only the process groups its collectives use differ
-(the engine maps a program onto devices). Granularity: one compute op per (microbatch, layer,
-pass), carrying its kernels; the TP collectives of a layer pass are one op on the ``tp`` stream
+(the engine maps a program onto devices). Granularity: one compute op per (microbatch, model
+chunk, pass) carrying the kernels of all its layers, and per layer where something happens between
+layers (the last microbatch's backward, whose gradient buckets start reducing as layers finish;
+context parallelism). The TP collectives of a pass are one op on the ``tp`` stream
 (Megatron-LM runs them on the critical path unless TP-comm overlap is on: forward with sequence
 parallelism = 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation, without it 2
 all-reduces; the backward the same); with context parallelism the K/V ring exchange runs on the
@@ -18,7 +20,7 @@ from sim.activations import embedding_activation_bytes, kv_heads_per_rank, layer
     output_activation_bytes
 from sim.compute import Kernel
 from sim.kernels import LayerKernels, optimizer_kernels
-from sim.memory import layer_params_per_rank, model_state_bytes, padded_vocab, stage_memory
+from sim.memory import layer_params_per_rank, padded_vocab, stage_memory
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
 from sim.schedule import stage_schedule
@@ -114,25 +116,67 @@ class _Lowering:
         self.layer_params = layer_params_per_rank(model, plan.tp)
         self.embed_params = padded_vocab(model, plan.tp) * model.hidden / plan.tp
         self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
+        self._repeats: dict[tuple, tuple] = {}
+        self.bucketing = False         # per-layer backward ops (the last microbatch's, for gradient buckets)
 
     # ---- pieces -------------------------------------------------------------------------------
-    def tp_ops(self, prog: Program, name: str, phase: str, dep: int) -> int:
+    def repeated(self, kernels: tuple[Kernel, ...], n: int) -> tuple[Kernel, ...]:
+        """``kernels`` n times, as one shared tuple (op durations are cached per tuple)."""
+        key = (id(kernels), n)
+        if key not in self._repeats:
+            self._repeats[key] = (kernels, kernels * n)
+        return self._repeats[key][1]
+
+    def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1) -> int:
         last = dep
         for c in self.tp_comm:
-            last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=c)
+            col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+            last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
         return last
 
-    def layer_forward(self, prog: Program, name: str, phase: str, dep, wait=None, alloc=()) -> int:
+    def forward(self, prog: Program, name: str, phase: str, dep, layers: int, wait=None, alloc=()) -> int:
+        """Forward (or full recompute) of ``layers`` layers: one op for all of them, or one per layer
+        with context parallelism, whose K/V exchange overlaps each layer's attention core."""
         k = self.k
         if self.cp_comm is None:
-            op = prog.add("compute", name, phase, (dep,), kernels=k.forward, wait=wait, alloc=alloc)
-        else:   # pre-attention GEMMs, then the attention core concurrently with the K/V exchange
-            attn = [i for i, x in enumerate(k.forward) if x.kind == "attention"][0]
-            pre = prog.add("compute", name + ".pre", phase, (dep,), kernels=k.forward[:attn], wait=wait, alloc=alloc)
-            kv = prog.add("cp", name + ".kv", "comm", (pre,), collective=self.cp_comm)
-            core = prog.add("compute", name + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
-            op = prog.add("compute", name + ".post", phase, (core, kv), kernels=k.forward[attn + 1:])
-        return self.tp_ops(prog, name, phase, op)
+            op = prog.add("compute", name, phase, (dep,), kernels=self.repeated(k.forward, layers), wait=wait,
+                          alloc=alloc)
+            return self.tp_ops(prog, name, op, layers)
+        attn = [i for i, x in enumerate(k.forward) if x.kind == "attention"][0]
+        for layer in range(layers):
+            lname = f"{name}.L{layer}"
+            pre = prog.add("compute", lname + ".pre", phase, (dep,), kernels=k.forward[:attn], wait=wait, alloc=alloc)
+            kv = prog.add("cp", lname + ".kv", "comm", (pre,), collective=self.cp_comm)
+            core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
+            post = prog.add("compute", lname + ".post", phase, (core, kv), kernels=k.forward[attn + 1:])
+            dep, wait, alloc = self.tp_ops(prog, lname, post), None, ()
+        return dep
+
+    def backward(self, prog: Program, name: str, dep, layers: int, wait=None) -> tuple[int, list[int]]:
+        """Recompute (if any) and backward of ``layers`` layers, freeing their activations. Returns the
+        last op and the backward compute ops, one per layer when gradients must be bucketed per layer."""
+        k, plan = self.k, self.plan
+        per_layer = self.cp_comm is not None or self.bucketing
+        n = 1 if per_layer else layers
+        ops = []
+        for layer in range(layers if per_layer else 1):
+            lname = f"{name}.L{layer}" if per_layer else name
+            # recomputation rebuilds one layer at a time, even when n layers share an op
+            alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
+            if plan.recompute == "full":
+                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc)
+                wait, alloc = None, ()
+            elif k.recompute():
+                dep = prog.add("compute", lname.replace("B.", "R.", 1), "recompute", (dep,),
+                               kernels=self.repeated(k.recompute(), n), wait=wait, alloc=alloc)
+                wait, alloc = None, ()
+            free = (("activations", self.layer_act * n + self.recompute_ws),)
+            op = prog.add("compute", lname, "backward", (dep,), kernels=self.repeated(k.backward, n), wait=wait,
+                          alloc=alloc, free=free)
+            ops.append(op)
+            wait = None
+            dep = self.tp_ops(prog, lname, op, n)
+        return dep, ops
 
     def grad_sync(self, prog: Program, name: str, params: float, dep: int) -> int:
         kind = "all_reduce" if self.plan.zero == 0 else "reduce_scatter"
@@ -161,55 +205,40 @@ class _Lowering:
                     prev = prog.add("compute", f"F.{tag}.embed", "forward", (prev,), kernels=k.embedding_forward(),
                                     wait=wait, alloc=(("activations", self.embed_act),))
                     wait = None
-                for layer in range(layers):
-                    prev = self.layer_forward(prog, f"F.{tag}.L{layer}", "forward", prev, wait=wait,
-                                              alloc=(("activations", self.layer_act),))
-                    wait = None
+                prev = self.forward(prog, f"F.{tag}", "forward", prev, layers, wait=wait,
+                                    alloc=(("activations", self.layer_act * layers),))
                 if g == last_chunk:
                     prev = prog.add("compute", f"F.{tag}.logits", "forward", (prev,), kernels=k.logits_forward(),
                                     alloc=(("activations", self.logits_act),))
                 else:
                     prog.add("pp", f"send.act.{tag}", "comm", (prev,), peer_stage=(g + 1) % pp,
                              signal=("act", mb, g + 1), collective=Collective("p2p", "pp", self.p2p_bytes))
+                continue
+            wait = ("grad", mb, g) if g < last_chunk else None
+            if g == last_chunk:
+                prev = prog.add("compute", f"B.{tag}.logits", "backward", (prev,), kernels=k.logits_backward(),
+                                wait=wait, free=(("activations", self.logits_act),))
+                wait = None
+            self.bucketing = mb == m - 1 and dp_sharded
+            prev, bwd_ops = self.backward(prog, f"B.{tag}", prev, layers, wait=wait)
+            wait = None
+            if self.bucketing:   # Megatron-LM DDP: a bucket is reduced once all its gradients exist
+                for op in bwd_ops:
+                    bucket += self.layer_params
+                    if bucket >= self.bucket_params:
+                        grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, op))
+                        bucket = 0.0
+            if g == 0:
+                prev = prog.add("compute", f"B.{tag}.embed", "backward", (prev,), kernels=k.embedding_backward(),
+                                free=(("activations", self.embed_act),))
+                if self.bucketing:
+                    bucket += self.embed_params
             else:
-                wait = ("grad", mb, g) if g < last_chunk else None
-                last_mb = mb == m - 1
-                if g == last_chunk:
-                    prev = prog.add("compute", f"B.{tag}.logits", "backward", (prev,), kernels=k.logits_backward(),
-                                    free=(("activations", self.logits_act),))
-                for layer in reversed(range(layers)):
-                    name = f"B.{tag}.L{layer}"
-                    recompute = k.recompute()
-                    alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
-                    if recompute and plan.recompute == "full":
-                        prev = self.layer_forward(prog, f"R.{tag}.L{layer}", "recompute", prev, wait=wait, alloc=alloc)
-                        wait, alloc = None, ()
-                    elif recompute:
-                        prev = prog.add("compute", f"R.{tag}.L{layer}", "recompute", (prev,), kernels=recompute,
-                                        wait=wait, alloc=alloc)
-                        wait, alloc = None, ()
-                    free = (("activations", self.layer_act + self.recompute_ws),)
-                    op = prog.add("compute", name, "backward", (prev,), kernels=k.backward, wait=wait, alloc=alloc,
-                                  free=free)
-                    wait = None
-                    prev = self.tp_ops(prog, name, "backward", op)
-                    if last_mb and dp_sharded:
-                        bucket += self.layer_params
-                        if bucket >= self.bucket_params:
-                            grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, op))
-                            bucket = 0.0
-                if g == 0:
-                    prev = prog.add("compute", f"B.{tag}.embed", "backward", (prev,), kernels=k.embedding_backward(),
-                                    wait=wait, free=(("activations", self.embed_act),))
-                    if last_mb and dp_sharded:
-                        bucket += self.embed_params
-                else:
-                    prog.add("pp", f"send.grad.{tag}", "comm", (prev,), peer_stage=(g - 1) % pp,
-                             signal=("grad", mb, g - 1), collective=Collective("p2p", "pp", self.p2p_bytes))
+                prog.add("pp", f"send.grad.{tag}", "comm", (prev,), peer_stage=(g - 1) % pp,
+                         signal=("grad", mb, g - 1), collective=Collective("p2p", "pp", self.p2p_bytes))
         if dp_sharded and bucket > 0:
             grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, prev))
         params = mem.params
-        _, _, optim_bytes = model_state_bytes(params, plan)
         shard = plan.dp * plan.cp if plan.zero >= 1 else 1
         opt = prog.add("compute", "optimizer", "optimizer", (prev, *grad_ops),
                        kernels=optimizer_kernels(params / shard, plan))
