@@ -13,8 +13,8 @@ class ScenarioError(Exception):
     """Bad user input: ``FILE: KEY: MESSAGE`` on one line."""
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
-        self.file = file
-        self.key = key
+        self.file = _printable(file)
+        self.key = _printable(key)
         self.message = " ".join(str(message).split())  # always one line
         super().__init__(self.__str__())
 
@@ -25,6 +25,14 @@ class ScenarioError(Exception):
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.key) if p]
         return ": ".join(parts + [self.message])
+
+
+def _printable(text: str | None) -> str | None:
+    """Escape control characters (a key may contain a newline) so the error stays on one line."""
+    if text is None:
+        return None
+    text = str(text)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

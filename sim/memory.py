@@ -182,16 +182,26 @@ def communicator_count(plan: Plan) -> int:
     return sum(1 for n in (plan.tp, plan.pp, plan.cp, plan.dp * plan.cp) if n > 1)
 
 
+def zero3_gathered_bytes(model: ModelSpec, plan: Plan) -> float:
+    """ZeRO-3 / FSDP working set: the layer being computed and the one prefetched, unsharded."""
+    if plan.zero < 3 or plan.dp * plan.cp == 1:
+        return 0.0
+    return 2 * layer_params_per_rank(model, plan.tp) * bytes_per_param(plan)[0]
+
+
 def stage_memory(model: ModelSpec, plan: Plan, gpu: GPUSpec, config: MemoryConfig, stage: int) -> DeviceMemory:
     params = stage_params(model, plan, stage)
     weights, grads, optim = model_state_bytes(params, plan)
+    gathered = zero3_gathered_bytes(model, plan)
     acts = activation_bytes(model, plan, stage)
     other = {"cuda_context": config.cuda_context_bytes, "workspace": config.workspace_bytes,
              "nccl_buffers": config.nccl_buffer_bytes_per_group * communicator_count(plan)}
-    subtotal = weights + grads + optim + math.fsum(acts.values()) + math.fsum(other.values())
+    subtotal = weights + gathered + grads + optim + math.fsum(acts.values()) + math.fsum(other.values())
     other["fragmentation"] = config.fragmentation * subtotal
     detail = {f"activations.{k}": v for k, v in acts.items()} | {f"other.{k}": v for k, v in other.items()}
-    return DeviceMemory(stage=stage, layers=plan.stage_layers(stage), params=params, weights=weights,
+    if gathered:
+        detail["weights.zero3_gathered"] = gathered
+    return DeviceMemory(stage=stage, layers=plan.stage_layers(stage), params=params, weights=weights + gathered,
                         gradients=grads, optimizer=optim, activations=math.fsum(acts.values()),
                         other=math.fsum(other.values()), capacity=gpu.usable_memory_bytes,
                         microbatches_in_flight=microbatches_in_flight(plan, stage), detail=detail)

@@ -7,7 +7,7 @@ from sim.engine import StepResult
 
 COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "recompute": "#8172B3", "optimizer": "#55A868",
           "comm": "#C44E52"}
-STREAMS = ("compute", "tp", "cp", "dp", "pp")
+STREAMS = ("compute", "tp", "cp", "dp", "gather", "pp")
 
 
 def plot_timeline(result: StepResult, path: str | Path, *, title: str = "") -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sim.engine import StepResult
 
-STREAM_ORDER = ("compute", "tp", "cp", "dp", "pp")
+STREAM_ORDER = ("compute", "tp", "cp", "dp", "gather", "pp")
 
 
 def trace_events(result: StepResult) -> list[dict]:

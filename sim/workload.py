@@ -46,7 +46,7 @@ class Op:
     """One node of a stage's op graph."""
 
     index: int
-    stream: str                               # compute | tp | cp | dp | pp
+    stream: str                               # compute | tp | cp | dp | pp | gather (ZeRO-3 weights)
     name: str
     phase: str                                # forward | backward | recompute | optimizer | comm
     deps: tuple[int, ...] = ()                # ops of the same device that must finish first
@@ -117,6 +117,11 @@ class _Lowering:
         self.embed_params = padded_vocab(model, plan.tp) * model.hidden / plan.tp
         self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
         self._repeats: dict[tuple, tuple] = {}
+        w_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+        self.zero3 = plan.zero >= 3 and plan.dp * plan.cp > 1
+        self.layer_weight_bytes = self.layer_params * w_bytes        # one layer's gathered weights
+        self.param_gather = Collective("all_gather", "dp", self.layer_weight_bytes)
+        self.grad_ops: list[int] = []
         self.bucketing = False         # per-layer backward ops (the last microbatch's, for gradient buckets)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -134,48 +139,82 @@ class _Lowering:
             last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
         return last
 
-    def forward(self, prog: Program, name: str, phase: str, dep, layers: int, wait=None, alloc=()) -> int:
+    def gather(self, prog: Program, name: str, dep) -> int | None:
+        """ZeRO-3 / FSDP: all-gather one layer's 16-bit weights before it runs, prefetched one layer
+        ahead (the caller makes the gather of layer l wait for the compute of layer l - 2 only, so it
+        overlaps layer l - 1 and at most two layers are gathered at a time). Gathers have their own
+        stream, as FSDP's all-gather stream, so they do not queue behind gradient reduce-scatters."""
+        if not self.zero3:
+            return None
+        return prog.add("gather", name + ".gather", "comm", (dep,), collective=self.param_gather,
+                        alloc=(("weights", self.layer_weight_bytes),))
+
+    def forward(self, prog: Program, name: str, phase: str, dep, layers: int, wait=None, alloc=(),
+                after: int | None = None) -> int:
         """Forward (or full recompute) of ``layers`` layers: one op for all of them, or one per layer
-        with context parallelism, whose K/V exchange overlaps each layer's attention core."""
+        with context parallelism (its K/V exchange overlaps each layer's attention core) or ZeRO-3
+        (each layer's weights are gathered first). ``after``: one more op the first layer waits for."""
         k = self.k
-        if self.cp_comm is None:
-            op = prog.add("compute", name, phase, (dep,), kernels=self.repeated(k.forward, layers), wait=wait,
+        if self.cp_comm is None and not self.zero3:
+            op = prog.add("compute", name, phase, (dep, after), kernels=self.repeated(k.forward, layers), wait=wait,
                           alloc=alloc)
             return self.tp_ops(prog, name, op, layers)
         attn = [i for i, x in enumerate(k.forward) if x.kind == "attention"][0]
+        issued = [dep, dep]            # compute ops of the layers run so far (gather prefetch distance)
+        # gathered weights are released after the layer's forward (the backward gathers them again);
+        # a recomputation runs on the weights its backward gathered
+        free = (("weights", self.layer_weight_bytes),) if self.zero3 and phase != "recompute" else ()
         for layer in range(layers):
             lname = f"{name}.L{layer}"
-            pre = prog.add("compute", lname + ".pre", phase, (dep,), kernels=k.forward[:attn], wait=wait, alloc=alloc)
-            kv = prog.add("cp", lname + ".kv", "comm", (pre,), collective=self.cp_comm)
-            core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
-            post = prog.add("compute", lname + ".post", phase, (core, kv), kernels=k.forward[attn + 1:])
-            dep, wait, alloc = self.tp_ops(prog, lname, post), None, ()
+            gathered = self.gather(prog, lname, issued[-2]) if after is None else after
+            after = None
+            if self.cp_comm is None:
+                op = prog.add("compute", lname, phase, (dep, gathered), kernels=k.forward, wait=wait,
+                              alloc=alloc, free=free)
+                issued.append(op)
+            else:
+                pre = prog.add("compute", lname + ".pre", phase, (dep, gathered), kernels=k.forward[:attn],
+                               wait=wait, alloc=alloc)
+                issued.append(pre)
+                kv = prog.add("cp", lname + ".kv", "comm", (pre,), collective=self.cp_comm)
+                core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
+                op = prog.add("compute", lname + ".post", phase, (core, kv), kernels=k.forward[attn + 1:], free=free)
+            dep, wait, alloc = self.tp_ops(prog, lname, op), None, ()
         return dep
 
     def backward(self, prog: Program, name: str, dep, layers: int, wait=None) -> tuple[int, list[int]]:
         """Recompute (if any) and backward of ``layers`` layers, freeing their activations. Returns the
-        last op and the backward compute ops, one per layer when gradients must be bucketed per layer."""
+        last op and the backward compute ops, one per layer when gradients are bucketed or reduced per
+        layer (the last microbatch with DDP buckets, every microbatch with ZeRO-3) or with CP."""
         k, plan = self.k, self.plan
-        per_layer = self.cp_comm is not None or self.bucketing
+        per_layer = self.cp_comm is not None or self.bucketing or self.zero3
         n = 1 if per_layer else layers
-        ops = []
-        for layer in range(layers if per_layer else 1):
-            lname = f"{name}.L{layer}" if per_layer else name
+        ops: list[int] = []
+        start = dep
+        for i in range(layers if per_layer else 1):
+            lname = f"{name}.L{layers - 1 - i}" if per_layer else name     # the last layer first
             # recomputation rebuilds one layer at a time, even when n layers share an op
             alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
+            gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
             if plan.recompute == "full":
-                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc)
+                # n = 1 under ZeRO-3: the weights gathered for the backward serve the recomputation
+                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc,
+                                   after=gathered)
                 wait, alloc = None, ()
             elif k.recompute():
-                dep = prog.add("compute", lname.replace("B.", "R.", 1), "recompute", (dep,),
+                dep = prog.add("compute", lname.replace("B.", "R.", 1), "recompute", (dep, gathered),
                                kernels=self.repeated(k.recompute(), n), wait=wait, alloc=alloc)
                 wait, alloc = None, ()
             free = (("activations", self.layer_act * n + self.recompute_ws),)
-            op = prog.add("compute", lname, "backward", (dep,), kernels=self.repeated(k.backward, n), wait=wait,
-                          alloc=alloc, free=free)
+            if self.zero3:
+                free += (("weights", self.layer_weight_bytes),)
+            op = prog.add("compute", lname, "backward", (dep, gathered), kernels=self.repeated(k.backward, n),
+                          wait=wait, alloc=alloc, free=free)
             ops.append(op)
             wait = None
             dep = self.tp_ops(prog, lname, op, n)
+            if self.zero3:   # FSDP reduce-scatters each layer's gradients as soon as they exist
+                self.grad_ops.append(self.grad_sync(prog, lname + ".grads", self.layer_params, op))
         return dep, ops
 
     def grad_sync(self, prog: Program, name: str, params: float, dep: int) -> int:
@@ -189,10 +228,12 @@ class _Lowering:
         pp, v, m = plan.pp, plan.virtual_stages, plan.microbatches
         last_chunk = pp * v - 1
         mem = stage_memory(self.model, plan, self.gpu, self.memory_config, stage)
-        prog = Program(stage, static_bytes={"weights": mem.weights, "gradients": mem.gradients,
+        # ZeRO-3's gathered layers are allocated and freed by the ops that gather and use them
+        static_weights = mem.weights - mem.detail.get("weights.zero3_gathered", 0.0)
+        prog = Program(stage, static_bytes={"weights": static_weights, "gradients": mem.gradients,
                                             "optimizer": mem.optimizer, "other": mem.other})
         prev = None                    # the last op of the compute chain
-        grad_ops: list[int] = []
+        grad_ops = self.grad_ops = []
         bucket = 0.0
         dp_sharded = plan.dp * plan.cp > 1
         for phase, mb, c in stage_schedule(plan.schedule, pp, stage, m, v):
@@ -219,7 +260,7 @@ class _Lowering:
                 prev = prog.add("compute", f"B.{tag}.logits", "backward", (prev,), kernels=k.logits_backward(),
                                 wait=wait, free=(("activations", self.logits_act),))
                 wait = None
-            self.bucketing = mb == m - 1 and dp_sharded
+            self.bucketing = mb == m - 1 and dp_sharded and not self.zero3
             prev, bwd_ops = self.backward(prog, f"B.{tag}", prev, layers, wait=wait)
             wait = None
             if self.bucketing:   # Megatron-LM DDP: a bucket is reduced once all its gradients exist
@@ -242,7 +283,7 @@ class _Lowering:
         shard = plan.dp * plan.cp if plan.zero >= 1 else 1
         opt = prog.add("compute", "optimizer", "optimizer", (prev, *grad_ops),
                        kernels=optimizer_kernels(params / shard, plan))
-        if plan.zero >= 1 and dp_sharded:   # distributed optimizer: gather the updated 16-bit weights
+        if plan.zero in (1, 2) and dp_sharded:   # distributed optimizer: gather the updated 16-bit weights
             weight_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
             prog.add("dp", "dp.params.all_gather", "comm", (opt,),
                      collective=Collective("all_gather", "dp", params * weight_bytes))

@@ -31,6 +31,18 @@ def test_llama405b_fits_below_80_gb(capsys):
     assert d["flops_per_step"] == pytest.approx((6 * n_nonembedding + 12 * L * H * Q * T) * tokens, rel=0.002)
 
 
+def test_llama405b_step_time_near_the_llama3_paper(capsys):
+    # Llama 3 paper Table 4: 400 TFLOP/s per GPU (41% BF16 MFU) for TP8 CP1 PP16 DP128 on 16,384 H100
+    d = run_json(capsys, str(SCENARIOS / "llama405b.yaml"))
+    assert 0.8 * 400 <= d["tflops_per_gpu"] <= 1.2 * 400
+    parts = d["time_breakdown_s"]
+    assert sum(parts.values()) == pytest.approx(d["step_time_s"], rel=1e-9)
+    assert parts["compute"] > 0 and parts["bubble"] > 0 and parts["exposed_comm"] > 0
+    assert d["tokens_per_s"] == pytest.approx(2048 * 8192 / d["step_time_s"], rel=1e-12)
+    peak = 989e12
+    assert d["mfu"] == pytest.approx(d["tflops_per_gpu"] * 1e12 / peak, rel=1e-9)
+
+
 def test_llama7b_t4_reports_16_bytes_per_param_and_no_fit(capsys):
     d = run_json(capsys, str(SCENARIOS / "llama7b-t4.yaml"))
     assert d["model_state_bytes_per_param"] == {"weights": 4, "gradients": 4, "optimizer": 8, "total": 16}
@@ -62,7 +74,7 @@ def test_same_input_same_output(capsys):
 
 def test_overrides_change_the_plan(capsys):
     d = run_json(capsys, str(SCENARIOS / "llama405b.yaml"), "--set", "parallelism.tp=4", "--set",
-                 "parallelism.dp=256", "--set", "training.micro_batch_size=2", "--set", "training.global_batch_size=4096")
+                 "parallelism.dp=256", "--set", "training.micro_batch_size=2", "--set", "training.global_batch_size=8192")
     assert d["plan"]["tp"] == 4 and d["plan"]["dp"] == 256 and d["plan"]["micro_batch_size"] == 2
 
 
