@@ -96,3 +96,28 @@ def test_list_commands(capsys):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
     assert "llama3.1-405b" in out and "dgx-h100" in out and "T4" in out
+
+
+def test_trace_and_plot(tmp_path, capsys):
+    trace, png = tmp_path / "step.json", tmp_path / "step.png"
+    small = ["--set", "training.global_batch_size=96"]
+    assert main([str(SCENARIOS / "gpt3-175b-a100.yaml"), *small, "--trace", str(trace), "--plot", str(png)]) == 0
+    capsys.readouterr()
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    counters = [e for e in events if e["ph"] == "C" and e["name"] == "memory"]
+    threads = {(e["pid"], e["args"]["name"]) for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert spans and counters and (0, "compute") in threads and (0, "tp") in threads
+    assert all(e["dur"] > 0 and e["ts"] >= 0 for e in spans)
+    assert {e["pid"] for e in spans} == set(range(12))          # one process per pipeline stage
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_memory_only_skips_the_engine(capsys):
+    d = run_json(capsys, str(SCENARIOS / "llama405b.yaml"), "--memory-only")
+    assert "step_time_s" not in d and d["fits"] is True
+
+
+def test_full_mode_limit(capsys):
+    assert main([str(SCENARIOS / "llama405b.yaml"), "--full"]) == 2
+    assert "--full" in capsys.readouterr().err
