@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import pytest
 
-from sim.cluster import Cluster, cluster_from_mapping
+from sim.cluster import Cluster
 from sim.collectives import (CollectivePlan, Flow, LatencyModel, clear_plan_cache,
                              plan_collective)
+
+from conftest import cluster, node_gpus
 
 GIB = 2**30
 US = 1e-6
 
 
-def cluster(topology: str, nodes: int = 1) -> Cluster:
-    return cluster_from_mapping({"topology": topology, "nodes": nodes})
-
-
-@pytest.fixture(scope="module")
-def h100() -> Cluster:
-    return cluster("dgx-h100", 1)
-
-
 @pytest.fixture(scope="module")
 def h100x4() -> Cluster:
     return cluster("dgx-h100", 4)
-
-
-def node_gpus(node: int, n: int = 8) -> tuple[str, ...]:
-    return tuple(f"n{node}.gpu{i}" for i in range(n))
 
 
 def only_flow(plan: CollectivePlan, phase: int = 0) -> Flow:

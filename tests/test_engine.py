@@ -1,5 +1,4 @@
 """The SimPy replay: pipeline bubbles, overlap, memory timeline and determinism."""
-import json
 
 import pytest
 

@@ -15,9 +15,11 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.cluster import Cluster, cluster_from_mapping
+from sim.cluster import Cluster
 from sim.collectives import Flow, LatencyModel, plan_collective
 from sim.network import Network
+
+from conftest import cluster, node_gpus
 
 GIB = 2**30
 US = 1e-6
@@ -28,22 +30,9 @@ PCIE3 = 15.75e9
 NO_SW = LatencyModel(scale=0)          # only the links' own latencies
 
 
-def cluster(topology: str, nodes: int = 1) -> Cluster:
-    return cluster_from_mapping({"topology": topology, "nodes": nodes})
-
-
-@pytest.fixture(scope="module")
-def h100() -> Cluster:
-    return cluster("dgx-h100", 1)
-
-
 @pytest.fixture(scope="module")
 def t4box() -> Cluster:
     return cluster("t4-box", 2)
-
-
-def node_gpus(node: int, n: int = 8) -> tuple[str, ...]:
-    return tuple(f"n{node}.gpu{i}" for i in range(n))
 
 
 def run_plan_time(c: Cluster, plan, **kw) -> float:
