@@ -2,6 +2,7 @@
 
     simulate SCENARIO.yaml [--set KEY=VALUE ...] [--format text|json] [--csv PATH]
     simulate list models|gpus|topologies
+    simulate validate [--fast] [--rows T001,T002] [--out reports]
 
 Bad input prints one line ``error: FILE: KEY: what was expected`` and exits with status 2.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sim.errors import ScenarioError
 
@@ -19,7 +21,7 @@ FULL_MODE_MAX_GPUS = 4096
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simulate", description="Simulate an LLM training job on a GPU cluster: memory per GPU, FLOPs per step.",
-        epilog="Other commands: 'simulate list models|gpus|topologies'.")
+        epilog="Other commands: 'simulate list models|gpus|topologies', 'simulate validate'.")
     parser.add_argument("scenario", help="scenario YAML file (see scenarios/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a scenario key, e.g. --set parallelism.tp=4 (repeatable)")
@@ -53,7 +55,37 @@ def _list(what: str) -> int:
     return 0
 
 
+def _validate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simulate validate",
+                                     description="Predicted vs measured on the published runs in validation/.")
+    parser.add_argument("--dir", type=Path, default=Path("validation"), help="validation set (runs.csv, scenarios/)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where validation.{md,csv,png} go")
+    parser.add_argument("--fast", action="store_true", help="only the two smallest runs of each source (CI)")
+    parser.add_argument("--rows", help="comma-separated row ids to run")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
+    args = parser.parse_args(argv)
+    from sim import validate
+    if not (args.dir / "runs.csv").is_file():
+        raise ScenarioError("no runs.csv here; expected the validation set (run from the repository root or "
+                            "give --dir)", file=str(args.dir / "runs.csv"))
+    only = set(args.rows.split(",")) if args.rows else None
+    results = validate.run(args.dir, only=only, fast=args.fast, workers=args.jobs)
+    limit = validate.threshold(args.dir)
+    import csv
+    all_rows = list(csv.DictReader((args.dir / "runs.csv").open()))
+    s = validate.write_reports(results, args.out, limit, all_rows=all_rows)
+    for r in results:
+        err = f"failed: {r.error}" if r.error else f"{r.rel_error:+7.1%}"
+        print(f"{r.row_id:6} {r.source_id:26} {r.model[:28]:28} {r.gpus:6} x {r.gpu:10} {r.metric:15} "
+              f"measured {r.measured:10.4g}  predicted {r.predicted:10.4g}  {err}")
+    print(f"median |error| {s['median_abs_error']:.1%} over {s['simulated']} rows (threshold {limit:.0%}); "
+          f"worst {s['max_abs_error']:.1%}; reports in {args.out}/validation.md")
+    return 1 if not s["median_abs_error"] <= limit else 0
+
+
 def run(argv: list[str]) -> int:
+    if argv and argv[0] == "validate":
+        return _validate(argv[1:])
     if argv and argv[0] == "list":
         if len(argv) != 2 or argv[1] not in LISTABLE:
             raise ScenarioError(f"expected 'simulate list {'|'.join(LISTABLE)}'", key="list")

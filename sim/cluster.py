@@ -41,6 +41,7 @@ class _ClusterEntry(Section):
     topology: Any                               # recipe name, path to a .yaml, or inline recipe mapping
     gpu: Any = None                             # replaces the recipe's GPU (catalog name or mapping)
     nodes: int = Field(1, ge=1, strict=True)
+    gpus: int | None = Field(None, ge=1, strict=True)   # GPUs the job uses, when fewer than nodes x per node
     nodes_per_leaf_group: int = Field(NODES_PER_LEAF_GROUP, ge=1, strict=True)
     oversubscription: float = Field(1.0, ge=1, strict=True)
     pod_nodes: int | None = Field(None, ge=1, strict=True)
@@ -85,6 +86,7 @@ class Cluster:
     pod_nodes: int | None = None                # nodes per pod with full bisection; None = two tiers
     core_oversubscription: float = 1.0          # spine downlink : uplink to the core (with pod_nodes)
     price_per_gpu_hour: float | None = None     # currency units per GPU-hour, for cost reports
+    gpus: int | None = None                     # GPUs the job uses (the first ranks); None = all of them
     _routes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,10 @@ class Cluster:
         if self.pod_nodes is not None and (self.pod_nodes < 1 or self.pod_nodes % self.nodes_per_leaf_group):
             raise bad("pod_nodes", f"pod_nodes ({self.pod_nodes}) must be a multiple of "
                                    f"nodes_per_leaf_group ({self.nodes_per_leaf_group})")
+        total = self.nodes * self.recipe.gpus_per_node
+        if self.gpus is not None and not (total - self.recipe.gpus_per_node < self.gpus <= total):
+            raise bad("gpus", f"expected between {total - self.recipe.gpus_per_node + 1} and {total} GPUs for "
+                              f"{self.nodes} node(s) of {self.recipe.gpus_per_node}, got {self.gpus}")
         if self.core_oversubscription != 1 and self.pod_nodes is None:
             raise bad("core_oversubscription", "core_oversubscription needs pod_nodes")
 
@@ -116,8 +122,8 @@ class Cluster:
 
     @property
     def num_gpus(self) -> int:
-        """GPUs in the cluster."""
-        return self.nodes * self.recipe.gpus_per_node
+        """GPUs the job runs on: all of the cluster's, or the first ``gpus`` of them."""
+        return self.gpus if self.gpus is not None else self.nodes * self.recipe.gpus_per_node
 
     def gpu_vertices(self) -> list[str]:
         """GPU vertex names in global rank order (node-major)."""
@@ -151,7 +157,9 @@ class Cluster:
 
     def describe(self) -> str:
         """One line, e.g. ``2048 x dgx-h100 = 16384 x NVIDIA H100 SXM5 80GB; rail-optimized leaf/spine, 1:1``."""
-        head = f"{self.nodes} x {self.recipe.name} = {self.num_gpus} x {self.gpu.name}"
+        head = f"{self.nodes} x {self.recipe.name} = {self.nodes * self.gpus_per_node} x {self.gpu.name}"
+        if self.num_gpus != self.nodes * self.gpus_per_node:
+            head += f" ({self.num_gpus} used)"
         f = self.fabric
         if f is None:
             return f"{head}; single node ({self.recipe.scale_up})"
@@ -317,6 +325,7 @@ def cluster_from_mapping(mapping: Mapping | None, *, file: str | None = None,
     try:
         return Cluster(recipe, nodes=e.nodes, nodes_per_leaf_group=e.nodes_per_leaf_group,
                        oversubscription=e.oversubscription, pod_nodes=e.pod_nodes,
-                       core_oversubscription=e.core_oversubscription, price_per_gpu_hour=e.price_per_gpu_hour)
+                       core_oversubscription=e.core_oversubscription, price_per_gpu_hour=e.price_per_gpu_hour,
+                       gpus=e.gpus)
     except ScenarioError as err:
         raise err.with_context(file=file) from None

@@ -409,3 +409,10 @@ def test_link_attrs_without_graph_match_the_graph(spec):
     assert edges and all(c.link_attrs(u, v) == a for u, v, a in edges)
     with pytest.raises(KeyError):
         c.link_attrs("n0.gpu0", "n1.gpu0")
+
+
+def test_a_job_may_use_part_of_a_node():
+    c = cluster_from_mapping({"topology": "dgx-h100", "gpus": 2})
+    assert c.num_gpus == 2 and "(2 used)" in c.describe()
+    with pytest.raises(ScenarioError, match="cluster.gpus"):
+        cluster_from_mapping({"topology": "dgx-h100", "nodes": 2, "gpus": 4})

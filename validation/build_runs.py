@@ -1,0 +1,221 @@
+"""Build the validation set from the project's reference data (a developer tool; its output is committed).
+
+    python validation/build_runs.py [--reference ../shared/reference/validation/throughput.csv]
+
+Reads every published measured run, translates what the simulator can express into a scenario
+(``validation/scenarios/<row>.yaml``) and writes one table, ``validation/runs.csv``: the measured
+figure and its kind, the source, the assumptions made where the source is silent, and, for the
+runs the simulator cannot express yet, the reason. Translation rules (one per source) are below;
+none of them looks at a measured figure.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_REFERENCE = HERE.parent.parent / "shared" / "reference" / "validation" / "throughput.csv"
+
+# Architecture traits by family (shapes come from each row).
+GPT = dict(ffn_kind="gelu", norm="layernorm", position="learned", bias=True, dropout=True, tied_embeddings=True)
+MPT = dict(ffn_kind="gelu", norm="layernorm", position="learned", bias=False, dropout=False, tied_embeddings=True)
+LLAMA = dict(ffn_kind="swiglu", norm="rmsnorm", position="rope", bias=False, dropout=False, tied_embeddings=False)
+NEMOTRON = dict(ffn_kind="gelu", norm="layernorm", position="rope", bias=False, dropout=False, tied_embeddings=False)
+BLOOM = dict(ffn_kind="gelu", norm="layernorm", position="alibi", bias=True, dropout=False, tied_embeddings=True)
+
+
+def family(row: dict) -> dict:
+    name = row["model"].lower()
+    if "llama" in name:
+        return LLAMA
+    if "nemotron" in name:
+        return NEMOTRON
+    if "mpt" in name:
+        return MPT
+    if "bloom" in name:
+        return BLOOM
+    return GPT
+
+
+def topology(row: dict) -> str | None:
+    gpu = row["gpu"].lower()
+    if "h100" in gpu:
+        return "dgx-h100"
+    if "v100" in gpu:
+        return "dgx-2"
+    if "a100" in gpu:
+        if "40gb" in gpu or row["gpu_mem_gb"] == "40":
+            return "dgx-a100-40gb"
+        if "dgx-a100" in gpu and not row["gpu_mem_gb"]:
+            return "dgx-a100-40gb"          # the 2020 DGX-A100 shipped with 40 GB parts
+        return "dgx-a100"
+    return None
+
+
+GPU_OF_TOPOLOGY = {"dgx-2": "v100-32gb", "dgx-a100": "a100-80gb", "dgx-a100-40gb": "a100-40gb", "dgx-h100": "h100-sxm"}
+
+
+def integer(text: str) -> int | None:
+    m = re.match(r"\s*(\d+)", text or "")
+    return int(m.group(1)) if m else None
+
+
+def precision(row: dict, notes: list[str]) -> str:
+    p = row["precision"].lower()
+    if "fp8" in p:
+        return "fp8"
+    if "bf16" in p:
+        return "bf16"
+    if "fp16" in p:
+        return "fp16"
+    notes.append("precision not stated: bf16 assumed (same A100 tensor-core rate as fp16)")
+    return "bf16"
+
+
+def recompute(row: dict, notes: list[str]) -> str:
+    r = row["act_recompute"].lower()
+    src = row["source_id"]
+    if r.startswith("full"):
+        return "full"
+    if r.startswith("selective"):
+        return "selective"
+    if r.startswith("none") or r in ("false", "no"):
+        return "none"
+    if r == "true":
+        return "full"
+    if src.startswith("S02"):
+        notes.append("activation checkpointing not stated: full assumed (Megatron-LM 2020 example scripts)")
+        return "full"
+    if src.startswith("S09"):
+        notes.append("recompute not stated: none assumed (NeMo H100 fp8 recipes fit without it)")
+        return "none"
+    notes.append("recompute not stated: full assumed")
+    return "full"
+
+
+def zero_stage(row: dict, notes: list[str]) -> int:
+    z = row["zero_fsdp"].lower()
+    if "full_shard" in z or "zero-3" in z:
+        return 3
+    if "shard_grad_op" in z or "zero-2" in z:
+        return 2
+    if "zero-1" in z:
+        return 1
+    if z.startswith("none") or z == "":
+        return 0
+    if row["source_id"].startswith("S09"):
+        notes.append("distributed optimizer not stated: NeMo's default (on) assumed -> ZeRO-1")
+        return 1
+    notes.append(f"sharding {row['zero_fsdp']!r} read as none")
+    return 0
+
+
+def translate(row: dict) -> tuple[dict | None, list[str], str]:
+    """(scenario mapping or None, assumptions, reason when None)."""
+    notes: list[str] = []
+    src = row["source_id"]
+    if "lora" in row["model"].lower():
+        return None, notes, "LoRA fine-tuning (frozen base weights) is not modelled yet (fine-tuning issue)"
+    if src.startswith("S13"):
+        return None, notes, "tensor-parallel degree, batch and step time not stated (headline 'up to' figure only)"
+    topo = topology(row)
+    if topo is None:
+        return None, notes, f"no topology for GPU {row['gpu']!r}"
+    tp, pp, dp, cp = (integer(row[k]) or 1 for k in ("tp", "pp", "dp", "cp"))
+    gpus = integer(row["num_gpus"])
+    if gpus is None or tp * pp * dp * cp != gpus:
+        return None, notes, f"parallel layout does not multiply to the GPU count ({row['tp']}, {row['pp']}, {row['dp']}, {row['cp']})"
+    seq = integer(row["seq_len"])
+    gbs = integer(row["global_batch_seqs"])
+    if seq is None or gbs is None:
+        return None, notes, "sequence length or global batch not stated"
+    mb = integer(row["micro_batch"])
+    if mb is None:
+        mb = 1
+        notes.append("micro-batch not stated: 1 assumed")
+    if gbs % (dp * mb):
+        return None, notes, f"global batch {gbs} not divisible by dp x micro-batch ({dp} x {mb})"
+    vocab = integer(row["vocab"]) or 51200
+    model = dict(name=row["model"], layers=int(row["layers"]), hidden=int(row["hidden"]), heads=int(row["heads"]),
+                 kv_heads=integer(row["kv_heads"]) or int(row["heads"]), ffn_hidden=int(row["ffn_hidden"]),
+                 vocab=vocab, max_seq_len=max(seq, 2048), **family(row))
+    per_node = {"dgx-2": 16}.get(topo, 8)
+    cluster = {"topology": topo, "nodes": math.ceil(gpus / per_node)}
+    if gpus % per_node:
+        cluster["gpus"] = gpus
+    par = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "zero": zero_stage(row, notes)}
+    sp = row["seq_parallel"].lower()
+    modern = src.startswith(("S06", "S09"))
+    par["sequence_parallel"] = sp.startswith("yes") or (tp > 1 and sp in ("", "not stated") and modern)
+    if modern and tp > 1 and sp in ("", "not stated"):
+        notes.append("sequence parallelism not stated: on assumed (Megatron-Core / NeMo practice with TP)")
+    par["recompute"] = recompute(row, notes)
+    v = integer(row["vpp"])
+    if row["vpp"].startswith("interleaved"):
+        v = 2
+        notes.append("interleaved schedule, V not stated: 2 assumed")
+    m = gbs // (dp * mb)
+    if v and v > 1 and pp > 1:
+        if m % pp or row["layers"] and int(row["layers"]) < pp * v:
+            notes.append(f"interleaving V={v} impossible with {m} microbatches on {pp} stages: plain 1F1B used")
+        else:
+            par["schedule"], par["virtual_stages"] = "interleaved", v
+    if src.startswith("S06"):
+        par["first_stage_layers"] = par["last_stage_layers"] = 3 if par.get("virtual_stages", 1) == 2 else 7
+    training = {"seq_len": seq, "global_batch_size": gbs, "micro_batch_size": mb, "precision": precision(row, notes)}
+    return ({"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
+             "parallelism": par}, notes, "")
+
+
+def measured(row: dict) -> tuple[str, str, str]:
+    """(metric, value, kind): step time when the source gives or implies it, else TFLOP/s per GPU."""
+    if row["step_time_s"]:
+        return "step_time_s", row["step_time_s"], ""
+    kind = row["tflops_kind"].lower()
+    convention = "hardware" if ("hardware" in kind or "recompute" in kind) else "model"
+    return "tflops_per_gpu", row["tflops_per_gpu"], convention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    args = parser.parse_args()
+    rows = list(csv.DictReader(args.reference.open()))
+    out_dir = HERE / "scenarios"
+    for old in out_dir.glob("*.yaml"):
+        old.unlink()
+    table = []
+    for row in rows:
+        scenario, notes, reason = translate(row)
+        metric, value, convention = measured(row)
+        gpu = GPU_OF_TOPOLOGY.get(topology(row), row["gpu"])
+        record = {"row_id": row["row_id"], "source_id": row["source_id"], "model": row["model"],
+                  "gpu": gpu, "gpus": row["num_gpus"], "metric": metric, "measured": value,
+                  "flop_convention": convention, "scenario": "", "assumptions": "; ".join(notes),
+                  "not_expressible": reason, "source_ref": row["source_ref"]}
+        if scenario is not None and value:
+            path = out_dir / f"{row['row_id']}.yaml"
+            header = (f"# Validation run {row['row_id']}: {row['model']} on {row['num_gpus']} x {row['gpu']}\n"
+                      f"# Source: {row['source_ref']}\n# Measured: {metric} = {value}"
+                      + (f" ({convention} FLOPs)" if convention else "") + "\n"
+                      + "".join(f"# Assumed: {n}\n" for n in notes))
+            path.write_text(header + yaml.safe_dump(scenario, sort_keys=False))
+            record["scenario"] = f"scenarios/{path.name}"
+        elif scenario is not None:
+            record["not_expressible"] = "no measured figure"
+        table.append(record)
+    with (HERE / "runs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    usable = sum(1 for r in table if r["scenario"])
+    print(f"{len(table)} published runs, {usable} expressible -> validation/runs.csv, validation/scenarios/")
+
+
+if __name__ == "__main__":
+    main()
