@@ -83,9 +83,32 @@ def _validate(argv: list[str]) -> int:
     return 1 if not s["median_abs_error"] <= limit else 0
 
 
+def _calibrate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simulate calibrate",
+                                     description="Fit GEMM efficiencies per GPU architecture on half of the "
+                                                 "published runs; report the error on the other half.")
+    parser.add_argument("--dir", type=Path, default=Path("validation"))
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write calibrated.yaml")
+    args = parser.parse_args(argv)
+    from sim import calibrate
+    if not (args.dir / "runs.csv").is_file():
+        raise ScenarioError("no runs.csv here; expected the validation set", file=str(args.dir / "runs.csv"))
+    result = calibrate.fit(args.dir, iterations=args.iterations, workers=args.jobs)
+    print(f"fitted {result['params']}; median |error| {result['fitted_median_abs_error']:.1%} on "
+          f"{result['fitted_rows']} fitted rows, {result['held_out_median_abs_error']:.1%} on "
+          f"{result['held_out_rows']} held-out rows")
+    if not args.dry_run:
+        print(f"wrote {calibrate.write(result)}")
+    return 0
+
+
 def run(argv: list[str]) -> int:
     if argv and argv[0] == "validate":
         return _validate(argv[1:])
+    if argv and argv[0] == "calibrate":
+        return _calibrate(argv[1:])
     if argv and argv[0] == "list":
         if len(argv) != 2 or argv[1] not in LISTABLE:
             raise ScenarioError(f"expected 'simulate list {'|'.join(LISTABLE)}'", key="list")

@@ -1,8 +1,9 @@
 """Achievable fractions of peak: one place, read from ``topologies/catalog/efficiency.yaml``.
 
 A GPU's efficiencies come from its architecture's entry, falling back to ``default``; ``measured``
-means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). Link efficiencies
-are per link kind.
+means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). Values fitted by
+``simulate calibrate`` on published training runs (``topologies/catalog/calibrated.yaml``) take
+precedence: ``gemm`` for 16-bit GEMMs, ``gemm_fp8`` for fp8 GEMMs. Link efficiencies are per link kind.
 """
 from __future__ import annotations
 
@@ -26,9 +27,28 @@ class GPUEfficiency:
     kernel_launch_s: float      # fixed time per kernel
 
 
+_OVERRIDES: dict[str, dict[str, float]] = {}   # arch -> {parameter: value}, set by the calibrator
+
+
 @functools.cache
 def _table() -> dict[str, Any]:
     return yaml.safe_load((data_dir() / "catalog" / "efficiency.yaml").read_text(encoding="utf-8"))
+
+
+@functools.cache
+def calibrated() -> dict[str, dict[str, float]]:
+    """Fitted parameters per GPU architecture (empty when nothing was calibrated)."""
+    path = data_dir() / "catalog" / "calibrated.yaml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {arch: dict(values) for arch, values in (data.get("gpu_arch") or {}).items()}
+
+
+def set_overrides(overrides: dict[str, dict[str, float]]) -> None:
+    """Use these parameters instead of the calibrated ones (the calibrator tries candidates)."""
+    _OVERRIDES.clear()
+    _OVERRIDES.update({arch: dict(v) for arch, v in overrides.items()})
 
 
 def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
@@ -42,9 +62,15 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str) -> GPUEfficiency:
     """Efficiencies of ``gpu`` computing in ``dtype``."""
     table = _table()["gpu_arch"]
     entry = {**table["default"], **table.get(gpu.arch, {})}
+    fitted = {**calibrated().get(gpu.arch, {}), **_OVERRIDES.get(gpu.arch, {})}
     gemm = entry["gemm"]
     if gemm == "measured":
         gemm = _measured_gemm(gpu, dtype) or float(entry["gemm_fallback"])
+    key = "gemm_fp8" if dtype == "fp8" else "gemm"
+    if key in fitted:
+        gemm = fitted[key]
+    if "attention" in fitted:
+        entry["attention"] = fitted["attention"]
     memory = entry["memory"]
     if memory == "measured":
         measured = gpu.measured_memory_bandwidth_bytes_per_s

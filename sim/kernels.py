@@ -49,7 +49,8 @@ class LayerKernels:
         self.w = DTYPE_BYTES["fp8"] if plan.precision == "fp8" else self.e
         self.tokens = plan.seq_len / plan.cp * plan.micro_batch_size
         self.forward = self._forward()
-        self.attention_core = tuple(k for k in self.forward if k.kind == "attention")
+        self.attention_core = tuple(k for k in self.forward if k.kind == "attention"
+                                    or k.name in ("attention_scores", "softmax", "attention_values"))
         self.backward = tuple(b for k in reversed(self.forward) for b in _backward_of(k))
 
     def _forward(self) -> tuple[Kernel, ...]:
@@ -64,8 +65,8 @@ class LayerKernels:
         ks = [_mem("norm1", 2 * t_sp * h * e), _gemm("qkv", T, h, q + 2 * kv, e, w)]
         if m.position == "rope":
             ks.append(_mem("rope", 2 * T * (q + kv) * e))
-        ks += [Kernel("attention", "attention", 4.0 * T * s_keys * q / 2, T * (2 * q + 2 * kv) * e),
-               _gemm("out_proj", T, q, h, e, w),
+        ks += self._attention(T, s_keys, q, kv)
+        ks += [_gemm("out_proj", T, q, h, e, w),
                _mem("residual1", 3 * t_sp * h * e),
                _mem("norm2", 2 * t_sp * h * e),
                _gemm("mlp_up", T, h, up, e, w),
@@ -73,6 +74,21 @@ class LayerKernels:
                _gemm("mlp_down", T, f, h, e, w),
                _mem("residual2", 3 * t_sp * h * e)]
         return tuple(ks)
+
+    def _attention(self, T: float, s_keys: float, q: float, kv: float) -> list[Kernel]:
+        """The attention core. Flash attention: one causal kernel (half the s x s square). Without it
+        (Megatron-LM before 2022): two batched GEMMs over the full square (the mask is applied after)
+        and memory-bound passes over the a/t x s x s scores: scale + mask + softmax (read, write) and
+        dropout (read, write, 1-byte mask), as Korthikanti et al. 2022 §4.1 lists them."""
+        e = self.e
+        if self.plan.flash_attention:
+            return [Kernel("attention", "attention", 4.0 * T * s_keys * q / 2, T * (2 * q + 2 * kv) * e)]
+        heads = q / self.model.d_head
+        scores = heads * T * s_keys                      # elements of the score matrix on this rank
+        passes = 2 * e + (2 * e + 1 if self.model.dropout else 0)
+        return [Kernel("attention_scores", "gemm", 2.0 * T * s_keys * q, (T * q + s_keys * kv) * e + scores * e),
+                _mem("softmax", scores * passes),
+                Kernel("attention_values", "gemm", 2.0 * T * s_keys * q, scores * e + s_keys * kv * e + T * q * e)]
 
     def recompute(self) -> tuple[Kernel, ...]:
         """Forward work re-executed before a layer's backward."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from sim.analysis import analyze
+from sim.efficiency import set_overrides
 from sim.errors import ScenarioError
 from sim.scenario import load_scenario
 
@@ -46,8 +47,9 @@ class RowResult:
         return self.predicted_step_s / self.measured_step_s - 1
 
 
-def _simulate_row(args: tuple[dict, str]) -> RowResult:
-    row, base = args
+def _simulate_row(args: tuple[dict, str, dict]) -> RowResult:
+    row, base, overrides = args
+    set_overrides(overrides)
     common = dict(row_id=row["row_id"], source_id=row["source_id"], model=row["model"], gpu=row["gpu"],
                   gpus=int(row["gpus"]), metric=row["metric"], measured=float(row["measured"]))
     try:
@@ -77,9 +79,11 @@ def load_rows(validation_dir: Path, only: set[str] | None = None, fast: bool = F
     return rows
 
 
-def run(validation_dir: Path, *, only: set[str] | None = None, fast: bool = False, workers: int = 2) -> list[RowResult]:
-    rows = load_rows(validation_dir, only, fast)
-    jobs = [(r, str(validation_dir)) for r in rows]
+def run(validation_dir: Path, *, only: set[str] | None = None, fast: bool = False, workers: int = 2,
+        rows: list[dict] | None = None, overrides: dict | None = None) -> list[RowResult]:
+    """Simulate the rows (all, ``only`` these ids, the ``fast`` subset, or the given ``rows``)."""
+    rows = load_rows(validation_dir, only, fast) if rows is None else rows
+    jobs = [(r, str(validation_dir), overrides or {}) for r in rows]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(_simulate_row, jobs, chunksize=1))

@@ -159,7 +159,7 @@ class _Lowering:
             op = prog.add("compute", name, phase, (dep, after), kernels=self.repeated(k.forward, layers), wait=wait,
                           alloc=alloc)
             return self.tp_ops(prog, name, op, layers)
-        attn = [i for i, x in enumerate(k.forward) if x.kind == "attention"][0]
+        attn = k.forward.index(k.attention_core[0])
         issued = [dep, dep]            # compute ops of the layers run so far (gather prefetch distance)
         # gathered weights are released after the layer's forward (the backward gathers them again);
         # a recomputation runs on the weights its backward gathered
@@ -177,8 +177,10 @@ class _Lowering:
                                wait=wait, alloc=alloc)
                 issued.append(pre)
                 kv = prog.add("cp", lname + ".kv", "comm", (pre,), collective=self.cp_comm)
-                core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=k.forward[attn:attn + 1])
-                op = prog.add("compute", lname + ".post", phase, (core, kv), kernels=k.forward[attn + 1:], free=free)
+                n_core = len(k.attention_core)
+                core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=k.forward[attn:attn + n_core])
+                op = prog.add("compute", lname + ".post", phase, (core, kv), kernels=k.forward[attn + n_core:],
+                              free=free)
             dep, wait, alloc = self.tp_ops(prog, lname, op), None, ()
         return dep
 

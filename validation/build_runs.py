@@ -168,6 +168,8 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if src.startswith("S06"):
         par["first_stage_layers"] = par["last_stage_layers"] = 3 if par.get("virtual_stages", 1) == 2 else 7
     training = {"seq_len": seq, "global_batch_size": gbs, "micro_batch_size": mb, "precision": precision(row, notes)}
+    if src.startswith(("S01", "S02", "S03", "S04", "S12")):
+        training["flash_attention"] = False      # these Megatron-LM / DeepSpeed runs predate FlashAttention
     return ({"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
              "parallelism": par}, notes, "")
 
