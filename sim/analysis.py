@@ -67,9 +67,10 @@ class Analysis:
         return dict(self.step.devices[0].breakdown_s)
 
 
-def analyze(scenario: Scenario, *, simulate_step: bool = True, full: bool = False) -> Analysis:
+def analyze(scenario: Scenario, *, simulate_step: bool = True, full: bool | None = None) -> Analysis:
     model, plan = scenario.model, scenario.plan
-    flops = step_flops(model, tokens=plan.tokens_per_step, seq_len=plan.seq_len, recompute=plan.recompute)
+    flops = step_flops(model, tokens=plan.tokens_per_step, seq_len=plan.seq_len, recompute=plan.recompute,
+                       flash_attention=plan.flash_attention)
     stages = tuple(memory_report(model, plan, scenario.cluster.gpu, scenario.memory))
     step = simulate(scenario, full=full) if simulate_step else None
     return Analysis(scenario=scenario, flops=flops, flops_per_token=model_flops_per_token(model, plan.seq_len),

@@ -5,8 +5,10 @@ achieved GEMM rates (16-bit, and fp8 on Hopper). They are fitted here on a *trai
 validation set (rows with an even number) and checked on the other half, which the fit never
 sees. The fit is a fixed-point iteration per (architecture, parameter): efficiency x= the median
 of predicted / measured step time over the training rows that parameter governs (16-bit rows for
-``gemm``, fp8 rows for ``gemm_fp8``), which drives the median signed error to zero. Everything else
-(attention, memory bandwidth, links) keeps its sourced value. The result goes to
+``gemm``, fp8 rows for ``gemm_fp8``), which drives the median signed error to zero. A parameter
+is fitted only when at least ``MIN_ROWS`` training rows depend on it, and never above the best-shape
+GEMM rate measured for that GPU (MAMF, gpus.yaml): a fit cannot make a GPU faster than its own
+measured peak GEMM. Everything else (attention, memory bandwidth, links) keeps its sourced value. The result goes to
 ``topologies/catalog/calibrated.yaml``, with the rows it was fitted on and the errors.
 """
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from sim.efficiency import calibrated, gpu_efficiency
+from sim.efficiency import gpu_efficiency, set_overrides
 from sim.hardware import data_dir, get_gpu
 from sim.validate import RowResult, load_rows, run
 
-BOUNDS = (0.2, 0.95)
+LOWEST = 0.2            # no fitted efficiency goes below this
+MIN_ROWS = 5            # a parameter with fewer training rows keeps its sourced value
 
 
 def is_training(row: dict) -> bool:
@@ -36,11 +39,12 @@ def _parameter(row: dict, validation_dir: Path) -> tuple[str, str]:
     return arch, "gemm_fp8" if scenario["training"]["precision"] == "fp8" else "gemm"
 
 
-def _start(arch: str, param: str, gpu_key: str) -> float:
-    current = calibrated().get(arch, {}).get(param)
-    if current is not None:
-        return current
-    return gpu_efficiency(get_gpu(gpu_key), "fp8" if param == "gemm_fp8" else "bf16").gemm
+def _measured_best(param: str, gpu_key: str) -> float:
+    """The sourced (MAMF best-shape) GEMM efficiency: the start of the fit and its upper bound."""
+    gpu = get_gpu(gpu_key)
+    dtype = "fp8" if param == "gemm_fp8" else ("bf16" if gpu.supports("bf16") else "fp16")
+    set_overrides({})
+    return gpu_efficiency(gpu, dtype, calibrated_values=False).gemm
 
 
 def median_abs(results: list[RowResult]) -> float:
@@ -53,10 +57,18 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
     train = [r for r in rows if is_training(r)]
     test = [r for r in rows if not is_training(r)]
     which = {r["row_id"]: _parameter(r, validation_dir) for r in rows}
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for r in train:
+        counts[which[r["row_id"]]] += 1
     params: dict[str, dict[str, float]] = defaultdict(dict)
+    ceiling: dict[tuple[str, str], float] = {}
     for r in train:
         arch, p = which[r["row_id"]]
-        params[arch].setdefault(p, _start(arch, p, r["gpu"]))
+        if counts[(arch, p)] >= MIN_ROWS and p not in params[arch]:
+            params[arch][p] = ceiling[(arch, p)] = _measured_best(p, r["gpu"])
+    skipped = sorted(k for k, n in counts.items() if n < MIN_ROWS)
+    if skipped:
+        log("not fitted (fewer than %d training rows): %s" % (MIN_ROWS, ", ".join(f"{a}.{p}" for a, p in skipped)))
     for it in range(iterations):
         results = run(validation_dir, rows=train, workers=workers, overrides=params)
         ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -64,13 +76,14 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
             if not res.error:
                 ratios[which[res.row_id]].append(res.predicted_step_s / res.measured_step_s)
         for (arch, p), rs in sorted(ratios.items()):
-            new = min(max(params[arch][p] * statistics.median(rs), BOUNDS[0]), BOUNDS[1])
-            params[arch][p] = round(new, 4)
+            if p in params.get(arch, {}):
+                new = min(max(params[arch][p] * statistics.median(rs), LOWEST), ceiling[(arch, p)])
+                params[arch][p] = round(new, 4)
         log(f"iteration {it + 1}: median |error| on fitted rows {median_abs(results):.1%}; "
             + ", ".join(f"{a}.{p}={v:.3f}" for a, ps in sorted(params.items()) for p, v in sorted(ps.items())))
     fitted = run(validation_dir, rows=train, workers=workers, overrides=params)
     held_out = run(validation_dir, rows=test, workers=workers, overrides=params)
-    return {"params": {a: dict(sorted(p.items())) for a, p in sorted(params.items())},
+    return {"params": {a: dict(sorted(p.items())) for a, p in sorted(params.items()) if p},
             "fitted_rows": len(train), "held_out_rows": len(test),
             "fitted_median_abs_error": round(median_abs(fitted), 4),
             "held_out_median_abs_error": round(median_abs(held_out), 4)}

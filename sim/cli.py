@@ -15,7 +15,7 @@ from pathlib import Path
 from sim.errors import ScenarioError
 
 LISTABLE = ("models", "gpus", "topologies")
-FULL_MODE_MAX_GPUS = 4096
+FULL_MODE_MAX_GPUS = 4096        # as sim.engine.FULL_MODE_MAX_GPUS (not imported: the engine loads SimPy)
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -27,12 +27,29 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="override a scenario key, e.g. --set parallelism.tp=4 (repeatable)")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format on stdout")
     parser.add_argument("--csv", metavar="PATH", help="append one row with unit-suffixed columns to PATH")
-    parser.add_argument("--full", action="store_true", help="simulate every device (up to ~1,024 GPUs) "
-                        "instead of one per pipeline stage")
+    parser.add_argument("--full", action="store_true", help=f"simulate every device (up to {FULL_MODE_MAX_GPUS:,} "
+                        "GPUs) instead of one per pipeline stage")
     parser.add_argument("--memory-only", action="store_true", help="skip the step simulation (memory and FLOPs only)")
     parser.add_argument("--trace", metavar="PATH", help="write a Chrome-trace JSON of the step (opens in Perfetto)")
     parser.add_argument("--plot", metavar="PATH", help="draw the step timeline (PNG or SVG)")
     return parser
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before simulating when an output path cannot be written."""
+    for key in ("trace", "plot", "csv"):
+        path = getattr(args, key)
+        if not path:
+            continue
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise ScenarioError(f"directory {str(parent)!r} does not exist; expected a writable path", key=f"--{key}")
+        if key == "plot" and Path(path).suffix.lower() not in PLOT_FORMATS:
+            raise ScenarioError(f"cannot draw {path!r}; expected a file name ending in {', '.join(PLOT_FORMATS)}",
+                                key="--plot")
 
 
 def _list(what: str) -> int:
@@ -59,16 +76,28 @@ def _validate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="simulate validate",
                                      description="Predicted vs measured on the published runs in validation/.")
     parser.add_argument("--dir", type=Path, default=Path("validation"), help="validation set (runs.csv, scenarios/)")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="where validation.{md,csv,png} go")
+    parser.add_argument("--out", type=Path, help="where validation.{md,csv,png} go (default reports/ for the "
+                        "whole set; a subset needs --out so that it does not replace the committed report)")
     parser.add_argument("--fast", action="store_true", help="only the two smallest runs of each source (CI)")
     parser.add_argument("--rows", help="comma-separated row ids to run")
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise ScenarioError(f"expected at least 1 worker, got {args.jobs}", key="--jobs")
+    if args.out is None:
+        if args.fast or args.rows:
+            raise ScenarioError("a subset (--fast or --rows) needs --out DIR; reports/ holds the whole set's report",
+                                key="--out")
+        args.out = Path("reports")
     from sim import validate
     if not (args.dir / "runs.csv").is_file():
         raise ScenarioError("no runs.csv here; expected the validation set (run from the repository root or "
                             "give --dir)", file=str(args.dir / "runs.csv"))
     only = set(args.rows.split(",")) if args.rows else None
+    if only:
+        known = {row["row_id"] for row in validate.load_rows(args.dir)}
+        if only - known:
+            raise ScenarioError(f"unknown or not simulable rows {', '.join(sorted(only - known))}", key="--rows")
     results = validate.run(args.dir, only=only, fast=args.fast, workers=args.jobs)
     limit = validate.threshold(args.dir)
     import csv
@@ -120,12 +149,13 @@ def run(argv: list[str]) -> int:
 
     if args.memory_only and (args.trace or args.plot or args.full):
         raise ScenarioError("--trace, --plot and --full need the step simulation; drop --memory-only", key="--memory-only")
+    _check_outputs(args)
     scenario = load_scenario(args.scenario, args.overrides)
     if args.full and scenario.plan.gpus > FULL_MODE_MAX_GPUS:
         raise ScenarioError(f"--full simulates every device; {scenario.plan.gpus} GPUs is more than "
-                            f"{FULL_MODE_MAX_GPUS}: drop --full (the default mode is exact for symmetric plans)",
+                            f"{FULL_MODE_MAX_GPUS}: drop --full (the default mode follows every device of a symmetric plan)",
                             key="--full")
-    analysis = analyze(scenario, simulate_step=not args.memory_only, full=args.full)
+    analysis = analyze(scenario, simulate_step=not args.memory_only, full=True if args.full else None)
     print(to_json(analysis) if args.format == "json" else to_text(analysis), end="\n" if args.format == "json" else "")
     if args.csv:
         append_csv(analysis, args.csv)
@@ -143,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(sys.argv[1:] if argv is None else argv)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # an output file that cannot be written
+        print(f"error: {exc.filename or ''}: cannot write: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -24,12 +24,13 @@ class Kernel:
     kind: KernelKind          # gemm: tensor-core GEMM; attention: flash-attention core; memory: bandwidth-bound
     flop: float               # floating-point operations executed
     bytes: float              # DRAM bytes read + written
+    dtype: str = ""           # the dtype it computes in, when not the plan's (attention stays 16-bit in fp8)
 
 
 def compute_dtype(precision: str) -> str:
-    """The dtype whose peak GEMMs run at: fp8 GEMMs for fp8 recipes, plain fp32 (no TF32, PyTorch's
-    default for matmuls since 1.12) for fp32 training."""
-    return {"fp8": "fp8", "fp32": "fp32"}.get(precision, precision)
+    """The dtype GEMMs run at: the training precision (fp8 GEMMs for fp8 recipes; plain fp32, not TF32,
+    for fp32 training, as PyTorch's matmul default since 1.12)."""
+    return precision
 
 
 def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) -> float:
@@ -43,7 +44,7 @@ def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) 
         peak = peak if dtype != "fp32" else gpu.peak("fp32")
         rate = peak * eff.attention
     else:
-        rate = gpu.peak(dtype) * eff.gemm
+        rate = gpu.peak(kernel.dtype or dtype) * eff.gemm
     return max(kernel.flop / rate, memory_s) + eff.kernel_launch_s
 
 

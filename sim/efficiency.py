@@ -58,11 +58,11 @@ def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
     return rate / gpu.peak_flops_per_s[dtype] if rate and dtype in gpu.peak_flops_per_s else None
 
 
-def gpu_efficiency(gpu: GPUSpec, dtype: str) -> GPUEfficiency:
-    """Efficiencies of ``gpu`` computing in ``dtype``."""
+def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True) -> GPUEfficiency:
+    """Efficiencies of ``gpu`` computing in ``dtype`` (``calibrated_values=False``: the sourced ones only)."""
     table = _table()["gpu_arch"]
     entry = {**table["default"], **table.get(gpu.arch, {})}
-    fitted = {**calibrated().get(gpu.arch, {}), **_OVERRIDES.get(gpu.arch, {})}
+    fitted = {**calibrated().get(gpu.arch, {}), **_OVERRIDES.get(gpu.arch, {})} if calibrated_values else {}
     gemm = entry["gemm"]
     if gemm == "measured":
         gemm = _measured_gemm(gpu, dtype) or float(entry["gemm_fallback"])

@@ -82,7 +82,7 @@ class Engine:
         self.full = full
         gpu = self.cluster.gpu
         self.dtype = compute_dtype(self.plan.precision)
-        self.eff = gpu_efficiency(gpu, self.dtype if self.dtype != "fp8" else "fp8")
+        self.eff = gpu_efficiency(gpu, self.dtype)
         self.programs: list[Program] = lower(scenario.model, self.plan, scenario.memory, gpu)
         self._durations: dict[int, float] = {}
         self._groups: dict[tuple, tuple[str, ...]] = {}
@@ -128,9 +128,18 @@ class Engine:
             copies = [self.group("cp", t, 0, d, p) for d in range(pl.dp) for t in range(pl.tp)]
         else:
             copies = [self.group("dp", t, 0, 0, p) for t in range(pl.tp)]
-        own_edges = self._local_edges(own)
+        own_edges = self._local_edges(own) if self._rail_aligned(own) else None
         return tuple(g for g in copies if g != own and nodes & {v.split(".")[0] for v in g}
-                     and own_edges & self._local_edges(g))
+                     and (own_edges is None or own_edges & self._local_edges(g)))
+
+    def _rail_aligned(self, group: tuple[str, ...]) -> bool:
+        """Whether every hop between nodes stays on one rail (then fabric links are per rail and
+        groups on other rails share none of them; a cross-rail hop goes through a shared spine)."""
+        rails = self.cluster.recipe.gpu_rails
+        ring = list(zip(group, group[1:] + group[:1]))
+        return all(a.partition(".")[0] == b.partition(".")[0]
+                   or rails[int(a.partition(".")[2][3:])] == rails[int(b.partition(".")[2][3:])]
+                   for a, b in ring)
 
     def _local_edges(self, group: tuple[str, ...]) -> set[tuple[str, str]]:
         """Node-local edges a group's traffic can use: each GPU to and from its NIC, and the routes
@@ -152,12 +161,13 @@ class Engine:
         if self.full:
             return ()
         own = (self.vertex(0, 0, 0, src_p), self.vertex(0, 0, 0, dst_p))
-        own_edges = self._local_edges(own)
+        own_edges = self._local_edges(own) if self._rail_aligned(own) else None
         out = []
         for t in range(self.plan.tp):
             for c in range(self.plan.cp):
                 pair = (self.vertex(t, c, 0, src_p), self.vertex(t, c, 0, dst_p))
-                if (t, c) != (0, 0) and own_edges & self._local_edges(pair):
+                same_node = pair[0].partition(".")[0] == own[0].partition(".")[0]
+                if (t, c) != (0, 0) and same_node and (own_edges is None or own_edges & self._local_edges(pair)):
                     out.append(pair)
         return tuple(out)
 
@@ -330,6 +340,25 @@ class Engine:
         return out
 
 
-def simulate(scenario: Scenario, *, full: bool = False, free_communication: bool = False) -> StepResult:
-    """Replay one step of ``scenario`` (optionally with communication made free, for what-ifs)."""
+FULL_MODE_MAX_GPUS = 4096
+
+
+def symmetric_layout(scenario: Scenario) -> bool:
+    """Whether every copy of a stage's groups sits on the nodes the same way, so that one device per
+    stage stands for all: the TP x CP block and the whole stage each fill nodes evenly (a divisor or
+    a multiple of the GPUs per node)."""
+    pl, per_node = scenario.plan, scenario.cluster.gpus_per_node
+
+    def even(n: int) -> bool:
+        return per_node % n == 0 or n % per_node == 0
+    return even(pl.tp) and even(pl.tp * pl.cp) and even(pl.tp * pl.cp * pl.dp)
+
+
+def simulate(scenario: Scenario, *, full: bool | None = None, free_communication: bool = False) -> StepResult:
+    """Replay one step of ``scenario`` (optionally with communication made free, for what-ifs).
+
+    ``full=None`` picks the mode: one device per stage when the layout is symmetric, every device
+    otherwise (when the cluster is small enough to do so)."""
+    if full is None:
+        full = not symmetric_layout(scenario) and scenario.plan.gpus <= FULL_MODE_MAX_GPUS
     return Engine(scenario, full=full, free_communication=free_communication).run()

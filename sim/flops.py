@@ -57,14 +57,15 @@ class StepFlops:
 
 
 def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Recompute = "none",
-               causal: bool = False) -> StepFlops:
-    """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``."""
+               causal: bool = False, flash_attention: bool = False) -> StepFlops:
+    """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``. With flash attention
+    selective recomputation has nothing to recompute (the scores are never stored)."""
     layers_fwd = model.layers * layer_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     logits_fwd = logits_forward_flops_per_token(model) * tokens
     forward = layers_fwd + logits_fwd
     if recompute == "full":
         again = layers_fwd
-    elif recompute == "selective":
+    elif recompute == "selective" and not flash_attention:
         again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     else:
         again = 0.0

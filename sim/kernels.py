@@ -34,7 +34,8 @@ def _mem(name: str, nbytes: float) -> Kernel:
 def _backward_of(k: Kernel) -> tuple[Kernel, ...]:
     """dgrad and wgrad GEMMs (each the forward's FLOPs); memory kernels move about twice the bytes."""
     if k.kind == "gemm":
-        return (Kernel(k.name + ".dgrad", "gemm", k.flop, k.bytes), Kernel(k.name + ".wgrad", "gemm", k.flop, k.bytes))
+        return (Kernel(k.name + ".dgrad", "gemm", k.flop, k.bytes, k.dtype),
+                Kernel(k.name + ".wgrad", "gemm", k.flop, k.bytes, k.dtype))
     if k.kind == "attention":
         return (Kernel(k.name + ".bwd", "attention", FLASH_BACKWARD_FLOP_FACTOR * k.flop, 2.0 * k.bytes),)
     return (Kernel(k.name + ".bwd", "memory", 0.0, 2.0 * k.bytes),)
@@ -86,9 +87,10 @@ class LayerKernels:
         heads = q / self.model.d_head
         scores = heads * T * s_keys                      # elements of the score matrix on this rank
         passes = 2 * e + (2 * e + 1 if self.model.dropout else 0)
-        return [Kernel("attention_scores", "gemm", 2.0 * T * s_keys * q, (T * q + s_keys * kv) * e + scores * e),
+        d16 = "bf16" if self.plan.precision == "fp8" else ""      # attention GEMMs stay 16-bit in fp8 recipes
+        return [Kernel("attention_scores", "gemm", 2.0 * T * s_keys * q, (T * q + s_keys * kv) * e + scores * e, d16),
                 _mem("softmax", scores * passes),
-                Kernel("attention_values", "gemm", 2.0 * T * s_keys * q, scores * e + s_keys * kv * e + T * q * e)]
+                Kernel("attention_values", "gemm", 2.0 * T * s_keys * q, scores * e + s_keys * kv * e + T * q * e, d16)]
 
     def recompute(self) -> tuple[Kernel, ...]:
         """Forward work re-executed before a layer's backward."""

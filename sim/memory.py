@@ -21,6 +21,7 @@ from sim import activations as act
 from sim.hardware import GPUSpec
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
+from sim.schedule import stage_schedule
 from sim.schema import Section
 from sim.units import MiB, parse_quantity
 
@@ -155,6 +156,19 @@ def microbatches_in_flight(plan: Plan, stage: int) -> float:
     return float(min(p - stage, m))
 
 
+def layer_passes_in_flight(plan: Plan, stage: int) -> float:
+    """Layer x microbatch activations held at the stage's peak: replays the schedule's order of
+    forward and backward passes, each chunk with its own layer count (chunks may differ)."""
+    if plan.virtual_stages == 1:
+        return plan.stage_layers(stage) * microbatches_in_flight(plan, stage)
+    live = peak = 0
+    for phase, _, chunk in stage_schedule(plan.schedule, plan.pp, stage, plan.microbatches, plan.virtual_stages):
+        layers = plan.chunk_layers[chunk * plan.pp + stage]
+        live += layers if phase == "F" else -layers
+        peak = max(peak, live)
+    return float(peak)
+
+
 def activation_bytes(model: ModelSpec, plan: Plan, stage: int) -> dict[str, float]:
     """Activation bytes of one GPU of ``stage`` at its peak, by part."""
     e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
@@ -163,12 +177,14 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int) -> dict[str, floa
     per_layer = act.layer_activation_bytes(model, **shape, recompute=plan.recompute,
                                            flash_attention=plan.flash_attention, dtype_bytes=e)
     in_flight = microbatches_in_flight(plan, stage)
-    parts = {"layers": per_layer * plan.stage_layers(stage) * in_flight}
+    parts = {"layers": per_layer * layer_passes_in_flight(plan, stage)}
     if stage == 0:
-        parts["embedding"] = act.embedding_activation_bytes(model, **shape) * in_flight
+        first_chunk = in_flight if plan.schedule == "gpipe" else min(in_flight * plan.virtual_stages, plan.microbatches)
+        parts["embedding"] = act.embedding_activation_bytes(model, **shape) * first_chunk
     if stage == plan.pp - 1:
-        # the last stage runs each microbatch's backward right after its forward (1F1B); GPipe keeps all
-        parts["logits"] = act.output_activation_bytes(model, **shape, dtype_bytes=e) * in_flight
+        # the last chunk runs each microbatch's backward right after its forward; GPipe keeps all
+        logits = plan.microbatches if plan.schedule == "gpipe" else 1
+        parts["logits"] = act.output_activation_bytes(model, **shape, dtype_bytes=e) * logits
     if plan.recompute != "none":
         # the backward of one layer rebuilds what recomputation dropped: one layer's tensors at a time
         full = act.layer_activation_bytes(model, **shape, recompute="none",

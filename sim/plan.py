@@ -25,31 +25,31 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 class TrainingConfig(Section):
     """The ``training:`` section."""
 
-    seq_len: int = Field(ge=1, description="tokens per sequence")
-    global_batch_size: int = Field(ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(default=1, ge=1, description="sequences per microbatch per DP rank")
+    seq_len: int = Field(ge=1, strict=True, description="tokens per sequence")
+    global_batch_size: int = Field(ge=1, strict=True, description="sequences per optimizer step")
+    micro_batch_size: int = Field(default=1, ge=1, strict=True, description="sequences per microbatch per DP rank")
     precision: Precision = "bf16"
     optimizer: Literal["adamw", "adamw-8bit", "sgd"] = "adamw"
     grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
-    flash_attention: bool = True
+    flash_attention: bool = Field(default=True, strict=True)
 
 
 class ParallelismConfig(Section):
     """The ``parallelism:`` section."""
 
-    tp: int = Field(default=1, ge=1)
-    pp: int = Field(default=1, ge=1)
-    cp: int = Field(default=1, ge=1)
-    dp: int | None = Field(default=None, ge=1, description="derived from the GPU count when absent")
-    zero: int = Field(default=0, ge=0, le=3, description="0 none, 1 optimizer, 2 +gradients, 3 +weights")
-    sequence_parallel: bool = False
+    tp: int = Field(default=1, ge=1, strict=True)
+    pp: int = Field(default=1, ge=1, strict=True)
+    cp: int = Field(default=1, ge=1, strict=True)
+    dp: int | None = Field(default=None, ge=1, strict=True, description="derived from the GPU count when absent")
+    zero: int = Field(default=0, ge=0, le=3, strict=True, description="0 none, 1 optimizer, 2 +gradients, 3 +weights")
+    sequence_parallel: bool = Field(default=False, strict=True)
     recompute: Literal["none", "selective", "full"] = "none"
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
-    virtual_stages: int = Field(default=1, ge=1)
-    first_stage_layers: int | None = Field(default=None, ge=1, description="layers of the first chunk")
-    last_stage_layers: int | None = Field(default=None, ge=1, description="layers of the last chunk")
-    tp_across_nodes: bool = False
+    virtual_stages: int = Field(default=1, ge=1, strict=True)
+    first_stage_layers: int | None = Field(default=None, ge=1, strict=True, description="layers of the first chunk")
+    last_stage_layers: int | None = Field(default=None, ge=1, strict=True, description="layers of the last chunk")
+    tp_across_nodes: bool = Field(default=False, strict=True)
 
 
 def default_grad_dtype(precision: str) -> str:

@@ -163,6 +163,6 @@ def to_text(a: Analysis) -> str:
                                     for k, v in parts.items()) + "  (stage 0)")
         if a.step.link_busy:
             p("Busiest    " + ", ".join(f"{n} {f:.0%}" for n, f in a.step.link_busy[:4]))
-        mode = "every device" if a.step.full else "one device per stage, peers by symmetry"
+        mode = "every device" if a.step.full else "one device per stage, the others by symmetry"
         p(f"Engine     {a.step.ops:,} ops, {len(a.step.devices)} devices simulated ({mode})")
     return out.getvalue()

@@ -39,6 +39,8 @@ def _expected(err: dict[str, Any]) -> str:
         return err.get("msg", "").lower()
     if kind == "missing":
         return "is required"
+    if kind == "value_error":
+        return str(ctx.get("error", err.get("msg", "invalid value")))
     return err.get("msg", "invalid value")
 
 
@@ -60,5 +62,5 @@ def validate_section(cls: type[T], data: Any, *, file: str | None, prefix: str) 
                 f"unknown key{hint}; expected one of {', '.join(sorted(cls.model_fields))}",
                 file=file, key=key) from None
         got = err.get("input")
-        shown = "" if err.get("type") == "missing" else f", got {got!r}"
+        shown = "" if err.get("type") in ("missing", "value_error") else f", got {got!r}"
         raise ScenarioError(f"{_expected(err)}{shown}", file=file, key=key) from None

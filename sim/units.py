@@ -7,6 +7,7 @@ binary prefixes (Ki, Mi, Gi, Ti) powers of 1024 (IEC 80000-13). A lower-case ``b
 """
 from __future__ import annotations
 
+import math
 import re
 
 KB = 1e3
@@ -61,6 +62,8 @@ def parse_quantity(value: object, dimension: str) -> float:
     if isinstance(value, bool):
         raise UnitError(f"expected a number or a quantity in {dimension}, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise UnitError(f"expected a finite quantity in {dimension}, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise UnitError(f"expected a number or a quantity in {dimension}, got {value!r}")
@@ -68,6 +71,8 @@ def parse_quantity(value: object, dimension: str) -> float:
     if not match:
         raise UnitError(f"cannot read {value!r} as a quantity in {dimension}")
     number, unit = float(match.group(1)), match.group(2)
+    if not math.isfinite(number):
+        raise UnitError(f"expected a finite quantity in {dimension}, got {value!r}")
     if unit == "":
         return number
     if dimension == "s" and unit in _TIME_PREFIX:

@@ -20,7 +20,7 @@ from sim.activations import embedding_activation_bytes, kv_heads_per_rank, layer
     output_activation_bytes
 from sim.compute import Kernel
 from sim.kernels import LayerKernels, optimizer_kernels
-from sim.memory import layer_params_per_rank, padded_vocab, stage_memory
+from sim.memory import layer_params_per_rank, stage_memory
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
 from sim.schedule import stage_schedule
@@ -112,9 +112,10 @@ class _Lowering:
         kv = kv_heads_per_rank(model, plan.tp) * model.d_head
         self.cp_comm = Collective("all_gather", "cp", 2 * plan.seq_len * plan.micro_batch_size * kv * self.e) \
             if plan.cp > 1 else None
-        self.p2p_bytes = tokens * model.hidden * self.e / plan.tp      # Megatron scatter-gather / SP shard
+        # pipeline messages: the [s/tp, b, h] shard with sequence parallelism, else the whole [s, b, h]
+        # (megatron-core sends the full tensor; the 2021 scatter-gather optimization is not modelled)
+        self.p2p_bytes = tokens * model.hidden * self.e / (plan.tp if plan.sequence_parallel else 1)
         self.layer_params = layer_params_per_rank(model, plan.tp)
-        self.embed_params = padded_vocab(model, plan.tp) * model.hidden / plan.tp
         self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
         self._repeats: dict[tuple, tuple] = {}
         w_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
@@ -213,6 +214,9 @@ class _Lowering:
             op = prog.add("compute", lname, "backward", (dep, gathered), kernels=self.repeated(k.backward, n),
                           wait=wait, alloc=alloc, free=free)
             ops.append(op)
+            if self.cp_comm is not None:   # ring attention's backward returns dK, dV to their owners
+                self.grad_ops.append(prog.add("cp", lname + ".dkv", "comm", (op,), collective=Collective(
+                    "reduce_scatter", "cp", self.cp_comm.size_bytes)))
             wait = None
             dep = self.tp_ops(prog, lname, op, n)
             if self.zero3:   # FSDP reduce-scatters each layer's gradients as soon as they exist
@@ -274,14 +278,13 @@ class _Lowering:
             if g == 0:
                 prev = prog.add("compute", f"B.{tag}.embed", "backward", (prev,), kernels=k.embedding_backward(),
                                 free=(("activations", self.embed_act),))
-                if self.bucketing:
-                    bucket += self.embed_params
             else:
                 prog.add("pp", f"send.grad.{tag}", "comm", (prev,), peer_stage=(g - 1) % pp,
                          signal=("grad", mb, g - 1), collective=Collective("p2p", "pp", self.p2p_bytes))
-        if dp_sharded and bucket > 0:
-            grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, prev))
         params = mem.params
+        if dp_sharded:   # the last bucket: what is left, with the embedding, output layer and final norm
+            bucket += params - plan.stage_layers(stage) * self.layer_params
+            grad_ops.append(self.grad_sync(prog, f"dp.grads.{len(grad_ops)}", bucket, prev))
         shard = plan.dp * plan.cp if plan.zero >= 1 else 1
         opt = prog.add("compute", "optimizer", "optimizer", (prev, *grad_ops),
                        kernels=optimizer_kernels(params / shard, plan))
