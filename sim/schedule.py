@@ -5,7 +5,9 @@ model chunk (global chunk = chunk x pp + stage, as Megatron-LM interleaves). GPi
 forward, then every backward (Huang et al. 2019); 1F1B warms up with pp - stage - 1 forwards, then
 alternates one forward and one backward (Narayanan et al. 2021 §2.2.1, PipeDream-Flush);
 interleaved 1F1B follows Megatron-LM's ``forward_backward_pipelining_with_interleaving``:
-(pp - stage - 1) x 2 + (v - 1) x pp warm-up passes over virtual microbatches.
+(pp - stage - 1) x 2 + (v - 1) x pp warm-up passes over virtual microbatches. (Older Megatron-LM
+releases ran every forward first when microbatches == pp; current megatron-core does not, and
+neither does this.)
 """
 from __future__ import annotations
 

@@ -114,3 +114,24 @@ def test_zero3_gathers_each_layer_and_memory_agrees(recompute):
     analytic = memory_report(s.model, s.plan, s.cluster.gpu, s.memory)[0]
     assert dev.peak_bytes == pytest.approx(analytic.total, rel=0.01)
     assert sum(dev.breakdown_s.values()) == pytest.approx(r.step_time_s, rel=1e-9)
+
+
+def test_every_parameter_gradient_is_reduced():
+    # DP all-reduce (ZeRO-0) of each stage = all of the stage's parameters in the gradient dtype
+    s = load_scenario(SCENARIOS / "gpt3-175b-a100.yaml", ["training.global_batch_size=96"])
+    from sim.workload import lower
+    for prog in lower(s.model, s.plan, s.memory, s.cluster.gpu):
+        sent = sum(op.collective.size_bytes for op in prog.ops if op.name.startswith("dp.grads"))
+        expected = memory_report(s.model, s.plan, s.cluster.gpu, s.memory)[prog.stage].params * 2   # fp16 grads
+        assert sent == pytest.approx(expected, rel=1e-9)
+
+
+def test_uneven_layout_simulates_every_device():
+    # 24 GPUs over 3 nodes of 8 with pipeline stages of 12 GPUs: stages straddle nodes unevenly
+    data = {"model": {"base": "llama3-8b", "layers": 2}, "cluster": {"topology": "dgx-h100", "nodes": 3},
+            "training": {"seq_len": 1024, "global_batch_size": 6},
+            "parallelism": {"tp": 4, "pp": 2, "dp": 3, "schedule": "gpipe", "zero": 1}}
+    s = scenario_from_mapping(data)
+    auto, full = simulate(s), simulate(s, full=True)
+    assert auto.full and len(auto.devices) == 24
+    assert auto.step_time_s == pytest.approx(full.step_time_s, rel=1e-12)

@@ -41,3 +41,9 @@ def test_causal_halves_attention():
     causal = step_flops(m, tokens=1, seq_len=8192, causal=True)
     attn = 3 * m.layers * 4 * 8192 * m.q_width
     assert full.model_flop - causal.model_flop == pytest.approx(attn / 2, rel=1e-12)
+
+
+def test_selective_recompute_with_flash_attention_recomputes_nothing():
+    m = load_model("gpt3-175b")
+    f = step_flops(m, tokens=2048, seq_len=2048, recompute="selective", flash_attention=True)
+    assert f.recompute_flop == 0 and f.hardware_flop == f.model_flop

@@ -44,6 +44,9 @@ def run_cli(args, capsys):
     (lambda d: d["parallelism"].update(schedule="zigzag"), "parallelism.schedule", "expected one of"),
     (lambda d: d["cluster"].update(topology="dgx-h10"), "cluster.topology", "did you mean"),
     (lambda d: d.update(model="lama3-8b"), "model", "did you mean 'llama3-8b'"),
+    (lambda d: d["training"].update(seq_len=True), "training.seq_len", "expected an integer"),
+    (lambda d: d["parallelism"].update(sequence_parallel="maybe"), "parallelism.sequence_parallel", "true or false"),
+    (lambda d: d.update(memory={"workspace_bytes": float("inf")}), "memory.workspace_bytes", "finite"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragment):
     data = copy.deepcopy(VALID)
@@ -54,6 +57,14 @@ def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragm
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith(f"error: {path}: {key}") and fragment in lines[0]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [("--plot", "step.bmp", "ending in .png"),
+                                                   ("--trace", "/nonexistent/dir/t.json", "does not exist"),
+                                                   ("--csv", "/nonexistent/dir/r.csv", "does not exist")])
+def test_bad_output_paths_fail_before_simulating(tmp_path, capsys, flag, value, fragment):
+    code, out, err = run_cli([write(tmp_path, VALID), flag, value], capsys)
+    assert code == 2 and out == "" and fragment in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_file(tmp_path, capsys):
