@@ -225,10 +225,15 @@ class Cluster:
 
     def link_attrs(self, u: str, v: str) -> dict:
         """Attributes of the directed edge u -> v, as in :attr:`graph`, without building the graph
-        (the engine needs only the edges its flows use)."""
+        (the engine needs only the edges its flows use). Do not modify the returned mapping."""
+        cache = self.__dict__.setdefault("_attrs_cache", {})
+
         def attrs(spec: LinkSpec, bandwidth: float | None = None) -> dict:
-            return {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
-                    "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+            key = (spec.key, spec.bandwidth_bytes_per_s, spec.latency_s, spec.kind, bandwidth)
+            if key not in cache:
+                cache[key] = {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
+                              "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+            return cache[key]
         nu, _, lu = u.partition(".") if u.startswith("n") else ("", "", u)
         nv, _, lv = v.partition(".") if v.startswith("n") else ("", "", v)
         if nu and nv:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import simpy
 
@@ -128,9 +128,18 @@ class Engine:
             copies = [self.group("cp", t, 0, d, p) for d in range(pl.dp) for t in range(pl.tp)]
         else:
             copies = [self.group("dp", t, 0, 0, p) for t in range(pl.tp)]
-        own_edges = self._local_edges(own) if self._rail_aligned(own) else None
+        own_edges = self._local_pattern(own) if self._rail_aligned(own) else None
         return tuple(g for g in copies if g != own and nodes & {v.split(".")[0] for v in g}
-                     and (own_edges is None or own_edges & self._local_edges(g)))
+                     and (own_edges is None or own_edges & self._local_pattern(g)))
+
+    def _local_pattern(self, group: tuple[str, ...]) -> set:
+        """:meth:`_local_edges` with node names dropped when the pattern repeats in every node (then
+        two groups on the same nodes share an edge in one node exactly when they do in all)."""
+        edges = self._local_edges(group)
+        nodes = {v.partition(".")[0] for v in group}
+        if len(nodes) > 1 and len({u.partition(".")[0] for u, _ in edges}) == 1:
+            return {(u.partition(".")[2], v.partition(".")[2]) for u, v in edges}
+        return edges
 
     def _rail_aligned(self, group: tuple[str, ...]) -> bool:
         """Whether every hop between nodes stays on one rail (then fabric links are per rail and
@@ -144,32 +153,69 @@ class Engine:
     def _local_edges(self, group: tuple[str, ...]) -> set[tuple[str, str]]:
         """Node-local edges a group's traffic can use: each GPU to and from its NIC, and the routes
         between group members in the same node. Fabric links beyond a NIC are per rail, so groups that
-        share none of these edges (and no NIC) cannot share any link."""
+        share none of these edges (and no NIC) cannot share any link. When every node holds the same
+        local members, one node's edges stand for all (the pattern repeats): the result is that node's."""
         recipe, out = self.cluster.recipe, set()
-        for i, a in enumerate(group):
+        by_node: dict[str, list[str]] = defaultdict(list)
+        for a in group:
             node, _, local = a.partition(".")
-            rail = recipe.gpu_rails[int(local[3:])]
-            ends = [f"nic{rail}"] if rail is not None else []
-            ends += [b.partition(".")[2] for b in group[i + 1:] if b.partition(".")[0] == node]
-            for end in ends:
-                for x, y in ((local, end), (end, local)):
-                    path = recipe.routes.get((x, y), ())
-                    out.update((f"{node}.{p}", f"{node}.{q}") for p, q in zip(path, path[1:]))
+            by_node[node].append(local)
+        patterns = {tuple(m) for m in by_node.values()}
+        nodes = list(by_node.items())[:1] if len(patterns) == 1 else by_node.items()
+        for node, members in nodes:
+            for i, local in enumerate(members):
+                rail = recipe.gpu_rails[int(local[3:])]
+                ends = ([f"nic{rail}"] if rail is not None else []) + members[i + 1:]
+                for end in ends:
+                    for x, y in ((local, end), (end, local)):
+                        path = recipe.routes.get((x, y), ())
+                        out.update((f"{node}.{p}", f"{node}.{q}") for p, q in zip(path, path[1:]))
         return out
 
     def p2p_peers(self, src_p: int, dst_p: int) -> tuple[tuple[str, str], ...]:
         if self.full:
             return ()
         own = (self.vertex(0, 0, 0, src_p), self.vertex(0, 0, 0, dst_p))
-        own_edges = self._local_edges(own) if self._rail_aligned(own) else None
+        own_edges = self._local_pattern(own) if self._rail_aligned(own) else None
         out = []
         for t in range(self.plan.tp):
             for c in range(self.plan.cp):
                 pair = (self.vertex(t, c, 0, src_p), self.vertex(t, c, 0, dst_p))
                 same_node = pair[0].partition(".")[0] == own[0].partition(".")[0]
-                if (t, c) != (0, 0) and same_node and (own_edges is None or own_edges & self._local_edges(pair)):
+                if (t, c) != (0, 0) and same_node and (own_edges is None or own_edges & self._local_pattern(pair)):
                     out.append(pair)
         return tuple(out)
+
+    def _fold_remote_nodes(self, plan, sim_nodes: set[str]):
+        """Symmetric mode: inside nodes that host no simulated device, a flow's edges repeat the same
+        pattern node after node and carry only this flow (its peers are folded into the weights), so
+        one such node stands for all: keep the edges of the first, of the simulated devices' nodes and
+        of the fabric (shared between flows). The flow's rate, set by its bottleneck, is unchanged."""
+        from sim.collectives import Flow
+        cache = self.__dict__.setdefault("_folded", {})
+
+        def fold_edges(edges):
+            kept, pattern = [], {}
+            for edge, w in edges:
+                u, v = edge
+                nu = u.split(".", 1)[0] if u[0] == "n" else ""
+                nv = v.split(".", 1)[0] if v[0] == "n" else ""
+                node = nu or nv
+                if not node or node in sim_nodes or (nu and nv and nu != nv):
+                    kept.append((edge, w))
+                    continue
+                key = (u[len(nu):] if nu else u[:4], v[len(nv):] if nv else v[:4], w)
+                if pattern.setdefault(key, node) == node:
+                    kept.append((edge, w))
+            return tuple(kept)
+
+        def fold(flow):
+            if flow.edges not in cache:
+                cache[flow.edges] = fold_edges(flow.edges)
+            kept = cache[flow.edges]
+            return flow if len(kept) == len(flow.edges) else Flow(flow.volume_bytes, kept, flow.latency_s)
+        phases = tuple(tuple(fold(f) for f in phase) for phase in plan.phases)
+        return replace(plan, phases=phases)
 
     # ---- run -------------------------------------------------------------------------------------
     def duration(self, op: Op) -> float:
@@ -186,6 +232,7 @@ class Engine:
                   for t in range(pl.tp)] if self.full else [(0, p, 0, 0) for p in range(pl.pp)]
         members_simulated = {"tp": pl.tp if self.full else 1, "cp": pl.cp if self.full else 1,
                              "dp": pl.dp * pl.cp if self.full else 1}
+        sim_nodes = {self.vertex(t, c, d, p).partition(".")[0] for d, p, c, t in coords}
         keys: dict[tuple, simpy.Event] = {}
         key_time: dict[tuple, tuple[float, float]] = {}     # key -> (send start, arrival)
         rendezvous: dict[tuple, list] = {}
@@ -218,7 +265,8 @@ class Engine:
                 peers = self.peers(col.group, p)
             cache_key = (col.kind, col.size_bytes, group, peers)
             if cache_key not in plans_cache:
-                plans_cache[cache_key] = plan_collective(col.kind, col.size_bytes, group, self.cluster, peers=peers)
+                plan = plan_collective(col.kind, col.size_bytes, group, self.cluster, peers=peers)
+                plans_cache[cache_key] = plan if self.full else self._fold_remote_nodes(plan, sim_nodes)
             return plans_cache[cache_key], group
 
         def run_collective(op: Op, dev_coord, stage):
