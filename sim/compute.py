@@ -7,6 +7,7 @@ intensity, peak) form). Efficiencies are data (:mod:`sim.efficiency`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,12 +26,26 @@ class Kernel:
     flop: float               # floating-point operations executed
     bytes: float              # DRAM bytes read + written
     dtype: str = ""           # the dtype it computes in, when not the plan's (attention stays 16-bit in fp8)
+    shape: tuple[float, float, float] | None = None   # GEMMs: (M, N, K) of C[M, N] = A[M, K] B[K, N]
 
 
 def compute_dtype(precision: str) -> str:
     """The dtype GEMMs run at: the training precision (fp8 GEMMs for fp8 recipes; plain fp32, not TF32,
     for fp32 training, as PyTorch's matmul default since 1.12)."""
     return precision
+
+
+def gemm_shape_factor(shape: tuple[float, float, float], sm_count: int | None, eff: GPUEfficiency) -> float:
+    """Fraction of the large-GEMM rate a GEMM of this shape reaches: wave quantization (output tiles
+    are spread over the SMs in whole waves; the last wave may be partly idle) times the K-loop share
+    of each tile's time (a fixed prologue/epilogue costs as much as ``gemm_k_half`` steps of K).
+    Large square GEMMs (the MAMF measurements the efficiencies come from) score about 0.98."""
+    m, n, k = shape
+    factor = k / (k + eff.gemm_k_half)
+    if sm_count:
+        tiles = math.ceil(m / eff.gemm_tile[0]) * math.ceil(n / eff.gemm_tile[1])
+        factor *= tiles / (math.ceil(tiles / sm_count) * sm_count)
+    return factor
 
 
 def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) -> float:
@@ -45,6 +60,8 @@ def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) 
         rate = peak * eff.attention
     else:
         rate = gpu.peak(kernel.dtype or dtype) * eff.gemm
+        if kernel.shape is not None:
+            rate *= gemm_shape_factor(kernel.shape, gpu.sm_count, eff)
     return max(kernel.flop / rate, memory_s) + eff.kernel_launch_s
 
 

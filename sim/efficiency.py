@@ -25,6 +25,8 @@ class GPUEfficiency:
     attention: float            # flash-attention FLOP/s / peak
     memory: float               # memory-bound kernels: bytes/s / peak DRAM bandwidth
     kernel_launch_s: float      # fixed time per kernel
+    gemm_tile: tuple[int, int] = (128, 256)   # output tile (M, N) of a GEMM kernel, for wave quantization
+    gemm_k_half: float = 128.0  # K at which a tile spends as long in its fixed prologue/epilogue as in its K loop
 
 
 _OVERRIDES: dict[str, dict[str, float]] = {}   # arch -> {parameter: value}, set by the calibrator
@@ -76,7 +78,8 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True) 
         measured = gpu.measured_memory_bandwidth_bytes_per_s
         memory = measured / gpu.memory_bandwidth_bytes_per_s if measured else float(entry["memory_fallback"])
     return GPUEfficiency(gemm=float(gemm), attention=float(entry["attention"]), memory=float(memory),
-                         kernel_launch_s=parse_quantity(entry["kernel_launch"], "s"))
+                         kernel_launch_s=parse_quantity(entry["kernel_launch"], "s"),
+                         gemm_tile=tuple(entry["gemm_tile"]), gemm_k_half=float(entry["gemm_k_half"]))
 
 
 def link_efficiency(kind: str) -> float:

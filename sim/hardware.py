@@ -89,6 +89,7 @@ class GPUEntry(Section):
     tdp: Watts | None = None
     measured_gemm: Rates = {}
     measured_memory_bandwidth: BytesPerS | None = None
+    sm_count: int | None = Field(default=None, ge=1, strict=True)
     sources: list[str] = []
     notes: str = ""
 
@@ -123,6 +124,7 @@ class GPUSpec:
     measured_gemm_flops_per_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     # ^ best large-GEMM rate per dtype measured by third parties (calibration anchor; may be empty)
     measured_memory_bandwidth_bytes_per_s: float | None = None             # STREAM-like measurement by others
+    sm_count: int | None = None                 # streaming multiprocessors (GEMM wave quantization); None = unknown
     sources: tuple[str, ...] = ()               # source keys of hardware.md ("S6", ...) or free text
 
     def __hash__(self) -> int:
@@ -229,7 +231,7 @@ def _gpu_from_entry(e: GPUEntry) -> GPUSpec:
                    memory_bandwidth_bytes_per_s=e.memory_bandwidth, tdp_w=e.tdp,
                    measured_gemm_flops_per_s=MappingProxyType(dict(e.measured_gemm)),
                    measured_memory_bandwidth_bytes_per_s=e.measured_memory_bandwidth,
-                   sources=tuple(e.sources))
+                   sm_count=e.sm_count, sources=tuple(e.sources))
 
 
 def _link_from_entry(e: LinkEntry) -> LinkSpec:

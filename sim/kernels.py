@@ -24,7 +24,7 @@ OPTIMIZER_STATE_BYTES = {"adamw": 4, "adamw-8bit": 1, "sgd": 4}
 
 
 def _gemm(name: str, m: float, k: float, n: float, e: float, w: float) -> Kernel:
-    return Kernel(name, "gemm", 2.0 * m * k * n, m * k * e + k * n * w + m * n * e)
+    return Kernel(name, "gemm", 2.0 * m * k * n, m * k * e + k * n * w + m * n * e, shape=(m, n, k))
 
 
 def _mem(name: str, nbytes: float) -> Kernel:
@@ -34,8 +34,13 @@ def _mem(name: str, nbytes: float) -> Kernel:
 def _backward_of(k: Kernel) -> tuple[Kernel, ...]:
     """dgrad and wgrad GEMMs (each the forward's FLOPs); memory kernels move about twice the bytes."""
     if k.kind == "gemm":
-        return (Kernel(k.name + ".dgrad", "gemm", k.flop, k.bytes, k.dtype),
-                Kernel(k.name + ".wgrad", "gemm", k.flop, k.bytes, k.dtype))
+        # forward C[m, n] = A[m, k] B[k, n]: dA[m, k] = dC B^T (K = n), dB[k, n] = A^T dC (K = m)
+        d = w = None
+        if k.shape is not None:
+            m, n, kk = k.shape
+            d, w = (m, kk, n), (kk, n, m)
+        return (Kernel(k.name + ".dgrad", "gemm", k.flop, k.bytes, k.dtype, d),
+                Kernel(k.name + ".wgrad", "gemm", k.flop, k.bytes, k.dtype, w))
     if k.kind == "attention":
         return (Kernel(k.name + ".bwd", "attention", FLASH_BACKWARD_FLOP_FACTOR * k.flop, 2.0 * k.bytes),)
     return (Kernel(k.name + ".bwd", "memory", 0.0, 2.0 * k.bytes),)

@@ -10,7 +10,7 @@ from sim.scenario import load_scenario, scenario_from_mapping
 
 from conftest import SCENARIOS
 
-TINY = {"layers": 32, "hidden": 4096, "heads": 32, "ffn_hidden": 16384, "vocab": 128, "max_seq_len": 2048,
+TINY = {"layers": 32, "hidden": 8192, "heads": 64, "ffn_hidden": 32768, "vocab": 128, "max_seq_len": 2048,
         "ffn_kind": "gelu", "position": "rope"}
 
 
