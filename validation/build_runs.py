@@ -135,7 +135,11 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if seq is None or gbs is None:
         return None, notes, "sequence length or global batch not stated"
     mb = integer(row["micro_batch"])
-    if mb is None:
+    if mb is None and src.startswith(("S02", "S03")):
+        mb = gbs // dp     # Megatron-LM before 2021 had no gradient accumulation: --batch-size per DP rank
+        notes.append(f"micro-batch not stated: the whole per-rank batch {mb} assumed (Megatron-LM 2019-2020 "
+                     f"had no gradient accumulation)")
+    elif mb is None:
         mb = 1
         notes.append("micro-batch not stated: 1 assumed")
     if gbs % (dp * mb):
