@@ -1,11 +1,12 @@
-"""``simulate calibrate``: fit the GEMM efficiencies per GPU architecture on published runs.
+"""``simulate calibrate``: fit the GEMM and attention efficiencies per GPU architecture on published runs.
 
 The cost model has a handful of free constants; the ones that move step times most are the
-achieved GEMM rates (16-bit, and fp8 on Hopper). They are fitted here on a *training* half of the
+achieved GEMM rates (16-bit, and fp8 on Hopper) and, for long sequences, the flash-attention rate. They are fitted here on a *training* half of the
 validation set (rows with an even number) and checked on the other half, which the fit never
 sees. The fit is a fixed-point iteration per (architecture, parameter): efficiency x= the median
-of predicted / measured step time over the training rows that parameter governs (16-bit rows for
-``gemm``, fp8 rows for ``gemm_fp8``), which drives the median signed error to zero. A parameter
+of predicted / measured step time over the training rows that parameter governs (rows whose layer
+time is mostly attention for ``attention``; else 16-bit rows for ``gemm``, fp8 rows for
+``gemm_fp8``), which drives the median signed error to zero. A parameter
 is fitted only when at least ``MIN_ROWS`` training rows depend on it, and never above the best-shape
 GEMM rate measured for that GPU (MAMF, gpus.yaml): a fit cannot make a GPU faster than its own
 measured peak GEMM. Everything else (attention, memory bandwidth, links) keeps its sourced value. The result goes to
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from sim.compute import compute_dtype, kernels_time_s
 from sim.efficiency import gpu_efficiency, set_overrides
 from sim.hardware import data_dir, get_gpu
+from sim.kernels import LayerKernels
+from sim.scenario import load_scenario
 from sim.validate import RowResult, load_rows, run
 
 LOWEST = 0.2            # no fitted efficiency goes below this
@@ -33,18 +37,27 @@ def is_training(row: dict) -> bool:
 
 
 def _parameter(row: dict, validation_dir: Path) -> tuple[str, str]:
-    """(architecture, parameter) a row's step time depends on most."""
-    scenario = yaml.safe_load((validation_dir / row["scenario"]).read_text())
-    arch = get_gpu(row["gpu"]).arch
-    return arch, "gemm_fp8" if scenario["training"]["precision"] == "fp8" else "gemm"
+    """(architecture, parameter) a row's step time depends on most: ``attention`` when the attention
+    core takes most of a layer's compute time (long sequences), else the GEMM rate of its dtype."""
+    scenario = load_scenario(validation_dir / row["scenario"])
+    gpu = scenario.cluster.gpu
+    dtype = compute_dtype(scenario.plan.precision)
+    eff = gpu_efficiency(gpu, dtype, calibrated_values=False)
+    kernels = LayerKernels(scenario.model, scenario.plan)
+    attention = kernels_time_s(kernels.attention_core, gpu, eff, dtype)
+    if attention > 0.5 * kernels_time_s(kernels.forward, gpu, eff, dtype):
+        return gpu.arch, "attention"
+    return gpu.arch, "gemm_fp8" if dtype == "fp8" else "gemm"
 
 
 def _measured_best(param: str, gpu_key: str) -> float:
-    """The sourced (MAMF best-shape) GEMM efficiency: the start of the fit and its upper bound."""
+    """The sourced efficiency (MAMF best-shape GEMM, published flash-attention rate): the start of
+    the fit and its upper bound."""
     gpu = get_gpu(gpu_key)
     dtype = "fp8" if param == "gemm_fp8" else ("bf16" if gpu.supports("bf16") else "fp16")
     set_overrides({})
-    return gpu_efficiency(gpu, dtype, calibrated_values=False).gemm
+    eff = gpu_efficiency(gpu, dtype, calibrated_values=False)
+    return eff.attention if param == "attention" else eff.gemm
 
 
 def median_abs(results: list[RowResult]) -> float:
