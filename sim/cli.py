@@ -99,7 +99,7 @@ def _validate(argv: list[str]) -> int:
         if only - known:
             raise ScenarioError(f"unknown or not simulable rows {', '.join(sorted(only - known))}", key="--rows")
     results = validate.run(args.dir, only=only, fast=args.fast, workers=args.jobs)
-    limit = validate.threshold(args.dir)
+    limit = validate.threshold(args.dir, fast=args.fast)
     import csv
     all_rows = list(csv.DictReader((args.dir / "runs.csv").open()))
     s = validate.write_reports(results, args.out, limit, all_rows=all_rows)
