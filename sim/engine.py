@@ -239,6 +239,7 @@ class Engine:
         plans_cache: dict[tuple, object] = {}
         plans_by_op: dict[tuple, tuple] = {}
         runs: list[DeviceRun] = []
+        states: list[dict] = []        # per device: memory peak and the breakdown at it
         ops_count = 0
 
         def key_event(key: tuple) -> simpy.Event:
@@ -246,7 +247,7 @@ class Engine:
                 keys[key] = env.event()
             return keys[key]
 
-        def collective_plan(op: Op, dev_coord, stage):
+        def collective_plan(op: Op, dev_coord):
             memo = (op.collective, op.peer_stage, dev_coord)
             if memo not in plans_by_op:
                 plan, group = make_plan(op, dev_coord)
@@ -269,10 +270,10 @@ class Engine:
                 plans_cache[cache_key] = plan if self.full else self._fold_remote_nodes(plan, sim_nodes)
             return plans_cache[cache_key], group
 
-        def run_collective(op: Op, dev_coord, stage):
+        def run_collective(op: Op, dev_coord):
             if self.free_communication:
                 return
-            plan, group = collective_plan(op, dev_coord, stage)
+            plan, group = collective_plan(op, dev_coord)
             yield net.run_plan(plan, tag=op.name)
 
         for coord in coords:
@@ -311,21 +312,21 @@ class Engine:
                     if op.kernels:
                         yield env.timeout(self.duration(op))
                     elif op.collective is not None and op.collective.group == "pp":
-                        yield from run_collective(op, coord, run.stage)
+                        yield from run_collective(op, coord)
                         key = (dev_id, *op.signal)
                         key_time[key] = (start, env.now)
                         key_event(key).succeed()
                     elif op.collective is not None:
                         need = members_simulated[op.collective.group]
                         if need <= 1:
-                            yield from run_collective(op, coord, run.stage)
+                            yield from run_collective(op, coord)
                         else:
-                            _, group = collective_plan(op, coord, run.stage)
+                            _, group = collective_plan(op, coord)
                             rv = rendezvous.setdefault((group, op.name), [0, env.event()])
                             rv[0] += 1
                             if rv[0] == need:
-                                def launch(op=op, coord=coord, stage=run.stage, ev=rv[1]):
-                                    yield from run_collective(op, coord, stage)
+                                def launch(op=op, coord=coord, ev=rv[1]):
+                                    yield from run_collective(op, coord)
                                     ev.succeed()
                                 env.process(launch())
                             yield rv[1]
@@ -336,14 +337,13 @@ class Engine:
             for name in sorted(by_stream):
                 env.process(stream(by_stream[name]))
             ops_count += len(prog.ops)
-            run.peak_breakdown = state["peak_breakdown"]
-            run._state = state  # type: ignore[attr-defined]
+            states.append(state)
 
         env.run()
         step = env.now
-        for run in runs:
-            run.peak_bytes = run._state["peak"]            # type: ignore[attr-defined]
-            run.peak_breakdown = run._state["peak_breakdown"]  # type: ignore[attr-defined]
+        for run, state in zip(runs, states):
+            run.peak_bytes = state["peak"]
+            run.peak_breakdown = state["peak_breakdown"]
             run.breakdown_s = self._breakdown(run, step, key_time)
         busy = net.top_links(step, 10) if step > 0 else []
         link_busy = [(f"{u}->{v}", frac) for (u, v), frac in busy]
