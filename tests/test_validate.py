@@ -36,3 +36,28 @@ def test_validate_fast_subset(tmp_path, capsys, monkeypatch):
     assert len(rows) >= 15 and not any(r["error"] for r in rows)
     errors = [abs(float(r["rel_error"])) for r in rows]
     assert all(math.isfinite(e) for e in errors)
+
+
+def test_calibration_split_and_parameter_choice():
+    from pathlib import Path
+
+    from sim.calibrate import _parameter, is_training
+    from sim.validate import load_rows
+    rows = {r["row_id"]: r for r in load_rows(ROOT / "validation")}
+    assert is_training(rows["T002"]) and not is_training(rows["T001"])
+    base = Path(ROOT / "validation")
+    assert _parameter(rows["T001"], base) == ("ampere", "gemm")            # GPT-1.7B, seq 2048, Megatron
+    assert _parameter(rows["T190"], base) == ("ampere", "attention")       # MPT-125m at 65,536 tokens
+    assert _parameter(rows["T313"], base) == ("hopper", "gemm_fp8")        # Llama 2 7B fp8 on H100
+
+
+def test_calibrated_values_stay_within_their_sources():
+    from sim.efficiency import calibrated, gpu_efficiency
+    from sim.hardware import get_gpu
+    for arch, key in (("ampere", "a100-80gb"), ("hopper", "h100-sxm")):
+        sourced = gpu_efficiency(get_gpu(key), "bf16", calibrated_values=False)
+        sourced_fp8 = gpu_efficiency(get_gpu(key), "fp8", calibrated_values=False) if arch == "hopper" else None
+        for param, value in calibrated().get(arch, {}).items():
+            ceiling = {"gemm": sourced.gemm, "attention": sourced.attention,
+                       "gemm_fp8": sourced_fp8.gemm if sourced_fp8 else 1.0}[param]
+            assert 0.2 <= value <= ceiling + 1e-9
