@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from sim.activations import kv_heads_per_rank
 from sim.compute import Kernel
-from sim.memory import padded_vocab
+from sim.memory import OPTIMIZER_STATE_BYTES, padded_vocab
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
 
 FLASH_BACKWARD_FLOP_FACTOR = 2.5   # FlashAttention backward = 5 matmuls vs 2 in the forward (Dao 2023)
 
-# Optimizer DRAM traffic per (sharded) parameter: read the gradient, read and write the fp32 master
-# copy and each state, write the 16-bit weight (fused multi-tensor Adam, one pass).
-OPTIMIZER_STATE_TENSORS = {"adamw": 2, "adamw-8bit": 2, "sgd": 1}
-OPTIMIZER_STATE_BYTES = {"adamw": 4, "adamw-8bit": 1, "sgd": 4}
 
 
 def _gemm(name: str, m: float, k: float, n: float, e: float, w: float) -> Kernel:
@@ -51,7 +47,7 @@ class LayerKernels:
 
     def __init__(self, model: ModelSpec, plan: Plan):
         self.model, self.plan = model, plan
-        self.e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+        self.e = plan.tensor_bytes
         self.w = DTYPE_BYTES["fp8"] if plan.precision == "fp8" else self.e
         self.tokens = plan.seq_len / plan.cp * plan.micro_batch_size
         self.forward = self._forward()
@@ -127,8 +123,10 @@ class LayerKernels:
 
 def optimizer_kernels(params: float, plan: Plan) -> tuple[Kernel, ...]:
     """Gradient-norm pass plus one fused optimizer pass over ``params`` (already divided by ZeRO)."""
+    # DRAM traffic per (sharded) parameter of a fused multi-tensor optimizer pass: read the gradient,
+    # read and write the fp32 master copy (or fp32 weight) and the states, write the 16-bit weight
     grad = DTYPE_BYTES[plan.grad_dtype]
     mixed = plan.precision != "fp32"
-    states = OPTIMIZER_STATE_TENSORS[plan.optimizer] * OPTIMIZER_STATE_BYTES[plan.optimizer]
-    per_param = grad + 2 * (4 + states) + (2 if mixed else 0)   # grad in; master/weight and states in+out
+    states = OPTIMIZER_STATE_BYTES[plan.optimizer]
+    per_param = grad + 2 * (4 + states) + (2 if mixed else 0)
     return (_mem("grad_norm", params * grad), _mem("optimizer_step", params * per_param))

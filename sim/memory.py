@@ -126,7 +126,7 @@ def stage_params(model: ModelSpec, plan: Plan, stage: int) -> float:
 
 def bytes_per_param(plan: Plan) -> tuple[int, int, int]:
     """(weights, gradients, optimizer) bytes per parameter before sharding."""
-    weight = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+    weight = plan.tensor_bytes
     grad = DTYPE_BYTES[plan.grad_dtype]
     master = 0 if plan.precision == "fp32" else MASTER_WEIGHT_BYTES
     return weight, grad, master + OPTIMIZER_STATE_BYTES[plan.optimizer]
@@ -171,7 +171,7 @@ def layer_passes_in_flight(plan: Plan, stage: int) -> float:
 
 def activation_bytes(model: ModelSpec, plan: Plan, stage: int) -> dict[str, float]:
     """Activation bytes of one GPU of ``stage`` at its peak, by part."""
-    e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+    e = plan.tensor_bytes
     shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                  sequence_parallel=plan.sequence_parallel, cp=plan.cp)
     per_layer = act.layer_activation_bytes(model, **shape, recompute=plan.recompute,

@@ -120,6 +120,12 @@ class Plan:
         return self.global_batch_size // (self.dp * self.micro_batch_size)
 
     @property
+    def tensor_bytes(self) -> int:
+        """Bytes per element of weights and activations: fp32 training keeps fp32; mixed precision
+        (fp16, bf16, and fp8 recipes, whose master weights and activations are 16-bit) keeps 2."""
+        return DTYPE_BYTES["fp32"] if self.precision == "fp32" else DTYPE_BYTES["bf16"]
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 

@@ -89,7 +89,7 @@ class _Lowering:
     def __init__(self, model: ModelSpec, plan: Plan, memory_config, gpu):
         self.model, self.plan, self.memory_config, self.gpu = model, plan, memory_config, gpu
         self.k = LayerKernels(model, plan)
-        self.e = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
+        self.e = plan.tensor_bytes
         shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                      sequence_parallel=plan.sequence_parallel, cp=plan.cp)
         self.layer_act = layer_activation_bytes(model, **shape, recompute=plan.recompute,
@@ -118,9 +118,8 @@ class _Lowering:
         self.layer_params = layer_params_per_rank(model, plan.tp)
         self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
         self._repeats: dict[tuple, tuple] = {}
-        w_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
         self.zero3 = plan.zero >= 3 and plan.dp * plan.cp > 1
-        self.layer_weight_bytes = self.layer_params * w_bytes        # one layer's gathered weights
+        self.layer_weight_bytes = self.layer_params * plan.tensor_bytes        # one layer's gathered weights
         self.param_gather = Collective("all_gather", "dp", self.layer_weight_bytes)
         self.grad_ops: list[int] = []
         self.bucketing = False         # per-layer backward ops (the last microbatch's, for gradient buckets)
@@ -289,9 +288,8 @@ class _Lowering:
         opt = prog.add("compute", "optimizer", "optimizer", (prev, *grad_ops),
                        kernels=optimizer_kernels(params / shard, plan))
         if plan.zero in (1, 2) and dp_sharded:   # distributed optimizer: gather the updated 16-bit weights
-            weight_bytes = DTYPE_BYTES["fp32"] if plan.precision == "fp32" else DTYPE_BYTES["bf16"]
             prog.add("dp", "dp.params.all_gather", "comm", (opt,),
-                     collective=Collective("all_gather", "dp", params * weight_bytes))
+                     collective=Collective("all_gather", "dp", params * plan.tensor_bytes))
         return prog
 
 
