@@ -64,6 +64,12 @@ class Fabric(NamedTuple):
     spine_core_bytes_per_s: float
 
 
+def _edge_attrs(spec: LinkSpec, bandwidth: float | None = None) -> dict:
+    """Attributes of one directed edge of ``spec`` (``bandwidth`` overrides its rate, for uplinks)."""
+    return {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
+            "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+
+
 def _ratio(x: float) -> str:
     return f"{x:g}:1"
 
@@ -176,9 +182,7 @@ class Cluster:
         r, f = self.recipe, self.fabric
         vertices, edges = [], []
 
-        def attrs(spec: LinkSpec, bandwidth: float | None = None) -> dict:
-            return {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
-                    "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+        attrs = _edge_attrs
 
         def link(a: str, b: str, data: dict) -> None:
             edges.append((a, b, data))
@@ -231,8 +235,7 @@ class Cluster:
         def attrs(spec: LinkSpec, bandwidth: float | None = None) -> dict:
             key = (spec.key, spec.bandwidth_bytes_per_s, spec.latency_s, spec.kind, bandwidth)
             if key not in cache:
-                cache[key] = {"bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s if bandwidth is None else bandwidth,
-                              "latency_s": spec.latency_s, "kind": spec.kind, "link": spec.key}
+                cache[key] = _edge_attrs(spec, bandwidth)
             return cache[key]
         nu, _, lu = u.partition(".") if u.startswith("n") else ("", "", u)
         nv, _, lv = v.partition(".") if v.startswith("n") else ("", "", v)
