@@ -3,10 +3,12 @@
 The cost model has a handful of free constants; the ones that move step times most are the
 achieved GEMM rates (16-bit, and fp8 on Hopper) and, for long sequences, the flash-attention rate. They are fitted here on a *training* half of the
 validation set (rows with an even number) and checked on the other half, which the fit never
-sees. The fit is a fixed-point iteration per (architecture, parameter): efficiency x= the median
-of predicted / measured step time over the training rows that parameter governs (rows whose layer
-time is mostly attention for ``attention``; else 16-bit rows for ``gemm``, fp8 rows for
-``gemm_fp8``), which drives the median signed error to zero. A parameter
+sees. The fit is a fixed-point iteration per (architecture, parameter): efficiency x= the geometric
+mean, over the sources, of each source's median predicted / measured step time on the training
+rows that parameter governs (rows whose layer time is mostly attention for ``attention``; else
+16-bit rows for ``gemm``, fp8 rows for ``gemm_fp8``). Each independent source weighs the same: one
+source with many rows of one software stack (llm-foundry's 2023 H100 tables) does not set a GPU's
+rate alone, and another stack's runs on the same GPU (NeMo's) are not left far off. A parameter
 is fitted only when at least ``MIN_ROWS`` training rows depend on it, and never above the best-shape
 GEMM rate measured for that GPU (MAMF, gpus.yaml): a fit cannot make a GPU faster than its own
 measured peak GEMM. Everything else (attention, memory bandwidth, links) keeps its sourced value. The result goes to
@@ -84,13 +86,14 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
         log("not fitted (fewer than %d training rows): %s" % (MIN_ROWS, ", ".join(f"{a}.{p}" for a, p in skipped)))
     for it in range(iterations):
         results = run(validation_dir, rows=train, workers=workers, overrides=params)
-        ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+        ratios: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for res in results:
             if not res.error:
-                ratios[which[res.row_id]].append(res.predicted_step_s / res.measured_step_s)
-        for (arch, p), rs in sorted(ratios.items()):
+                ratios[which[res.row_id]][res.source_id].append(res.predicted_step_s / res.measured_step_s)
+        for (arch, p), by_source in sorted(ratios.items()):
             if p in params.get(arch, {}):
-                new = min(max(params[arch][p] * statistics.median(rs), LOWEST), ceiling[(arch, p)])
+                step = statistics.geometric_mean([statistics.median(rs) for rs in by_source.values()])
+                new = min(max(params[arch][p] * step, LOWEST), ceiling[(arch, p)])
                 params[arch][p] = round(new, 4)
         log(f"iteration {it + 1}: median |error| on fitted rows {median_abs(results):.1%}; "
             + ", ".join(f"{a}.{p}={v:.3f}" for a, ps in sorted(params.items()) for p, v in sorted(ps.items())))
@@ -104,11 +107,13 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
 
 def write(result: dict, path: Path | None = None) -> Path:
     path = path or Path(data_dir()) / "catalog" / "calibrated.yaml"
-    header = ("# Written by `simulate calibrate` (sim/calibrate.py): GEMM efficiencies per GPU architecture\n"
-              "# fitted on the even-numbered rows of validation/runs.csv (published measured runs; sources in\n"
-              "# validation/runs.csv and shared/reference/validation/SOURCES.md) and checked on the odd ones.\n"
-              "# They replace the MAMF best-shape GEMM measurements of gpus.yaml, which real training GEMMs\n"
-              "# (framework overheads, shapes, sustained clocks) do not reach.\n")
+    header = ("# Written by `simulate calibrate` (sim/calibrate.py): GEMM and flash-attention efficiencies per\n"
+              "# GPU architecture, fitted on the even-numbered rows of validation/runs.csv (published measured\n"
+              "# runs; sources in validation/runs.csv, shared/reference/validation/SOURCES.md and\n"
+              "# validation/EXTRA_SOURCES.md), each source weighing the same, and checked on the odd ones.\n"
+              "# They replace the MAMF best-shape GEMM measurements of gpus.yaml and the published kernel\n"
+              "# rates of efficiency.yaml, which real training (framework overheads, shapes, sustained clocks,\n"
+              "# the software stack of each source) does not reach.\n")
     body = {"gpu_arch": result["params"],
             "fit": {k: v for k, v in result.items() if k != "params"}}
     path.write_text(header + yaml.safe_dump(body, sort_keys=False))

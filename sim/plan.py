@@ -70,8 +70,8 @@ class ParallelismConfig(Section):
     recompute: Literal["none", "selective", "full"] = "none"
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     virtual_stages: int = Field(default=1, ge=1, strict=True)
-    first_stage_layers: int | None = Field(default=None, ge=1, strict=True, description="layers of the first chunk")
-    last_stage_layers: int | None = Field(default=None, ge=1, strict=True, description="layers of the last chunk")
+    first_stage_layers: int | None = Field(default=None, ge=0, strict=True, description="layers of the first chunk (0: the embedding only)")
+    last_stage_layers: int | None = Field(default=None, ge=0, strict=True, description="layers of the last chunk (0: the output layer and loss only)")
     tp_across_nodes: bool = Field(default=False, strict=True)
     # ZeRO-Offload (Ren et al. 2021, arXiv:2101.06840): optimizer states and fp32 master weights in CPU
     # memory, the optimizer step on the CPU; ZeRO-Infinity (arXiv:2104.07857) also offloads the
@@ -97,8 +97,11 @@ def default_grad_dtype(precision: str) -> str:
 def split_layers(layers: int, chunks: int, first: int | None = None, last: int | None = None) -> tuple[int, ...]:
     """Layers per chunk, in pipeline order, as even as possible.
 
-    ``first`` / ``last`` pin the first and the last chunk (Llama 3 405B: 126 layers on 16 stages
-    with one layer fewer on the first and the last, §3.3.2). Left-over layers go to the middle
+    ``first`` / ``last`` pin the first and the last chunk; 0 leaves a chunk with only the embedding
+    (first) or only the output layer and loss (last). Llama 3 405B (arXiv:2407.21783 §3.3.2) takes
+    one layer from the first and the last stage so that "the first model chunk on the first stage
+    has only the embedding, and the last model chunk on the last stage has only output projection
+    and loss calculation": 126 layers in 16 x 8 one-layer chunks, first = last = 0. Left-over layers go to the middle
     chunks first, then the first and the last, which carry the embedding and the logits.
     Returns an empty tuple when the split is impossible.
     """
@@ -237,7 +240,7 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     if not chunks:
         raise fail("parallelism.pp", f"cannot split {model.layers} layers into pp({pp}) * virtual_stages({v}) = "
                                      f"{pp * v} chunks with first_stage_layers={par.first_stage_layers}, "
-                                     f"last_stage_layers={par.last_stage_layers}; expected at least one layer per chunk")
+                                     f"last_stage_layers={par.last_stage_layers}; expected at least one layer in every other chunk")
     if training.global_batch_size % (dp * training.micro_batch_size):
         raise fail("training.global_batch_size",
                    f"global_batch_size={training.global_batch_size} is not divisible by dp({dp}) * "

@@ -191,6 +191,8 @@ class _Lowering:
         with context parallelism (its K/V exchange overlaps each layer's attention core) or ZeRO-3
         (each layer's weights are gathered first). ``after``: one more op the first layer waits for."""
         k = self.k
+        if layers == 0:   # a chunk with only the embedding or only the output layer (Llama 3's pipeline)
+            return prog.add("compute", name, phase, (dep, after), kernels=(), wait=wait, alloc=alloc)
         if self.cp_comm is None and not self.zero3:
             op = prog.add("compute", name, phase, (dep, after), kernels=self.repeated(k.forward, layers), wait=wait,
                           alloc=alloc)
@@ -223,6 +225,8 @@ class _Lowering:
         last op and the backward compute ops, one per layer when gradients are bucketed or reduced per
         layer (the last microbatch with DDP buckets, every microbatch with ZeRO-3) or with CP."""
         k, plan = self.k, self.plan
+        if layers == 0:
+            return prog.add("compute", name, "backward", (dep,), kernels=(), wait=wait), []
         per_layer = self.cp_comm is not None or self.bucketing or self.zero3
         n = 1 if per_layer else layers
         ops: list[int] = []

@@ -160,3 +160,30 @@ def test_extrapolated_step_equals_the_full_replay(sets):
     assert [f for _, f in ext.link_busy] == pytest.approx([f for _, f in full.link_busy], rel=1e-6)
     full_busy = dict(full.link_busy)
     assert all(f == pytest.approx(full_busy[name], rel=1e-6) for name, f in ext.link_busy if name in full_busy)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_layerless_first_and_last_chunks_still_wait_for_their_neighbours(cp):
+    # Llama 3's pipeline (arXiv:2407.21783 §3.3.2): the first chunk holds only the embedding and the
+    # last only the output layer and loss; their ops must still wait for the activation / gradient
+    # of the neighbouring chunk (with CP the layers run one op each, a different code path)
+    pp, v, m = 4, 2, 4
+    data = {"model": {**TINY, "layers": pp * v - 2}, "cluster": {"topology": "dgx-h100", "nodes": 1},
+            "training": {"seq_len": 2048, "global_batch_size": m * 2 // cp, "micro_batch_size": 1},
+            "parallelism": {"tp": 1, "pp": pp, "cp": cp, "dp": 2 // cp, "schedule": "interleaved",
+                            "virtual_stages": v, "first_stage_layers": 0, "last_stage_layers": 0}}
+    s = scenario_from_mapping(data)
+    assert s.plan.chunk_layers == (0,) + (1,) * 6 + (0,)
+    r = simulate(s, full=True)
+    spans = {}
+    for d in r.devices:
+        for x in d.spans:
+            spans.setdefault(x.name, x)
+    last = pp * v - 1
+    for mb in range(m):
+        before = [x for n, x in spans.items() if n.startswith(f"F.mb{mb}.c{last - 1}") and x.stream == "compute"]
+        logits = spans[f"F.mb{mb}.c{last}.logits"]
+        assert before and logits.start_s >= max(x.end_s for x in before)
+        after = [x for n, x in spans.items() if n.startswith(f"B.mb{mb}.c1") and x.stream == "compute"]
+        embed = spans[f"B.mb{mb}.c0.embed"]
+        assert after and embed.start_s >= max(x.end_s for x in after)

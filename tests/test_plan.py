@@ -10,6 +10,9 @@ def test_llama3_405b_split():
     # Llama 3 paper §3.3.2: one layer fewer on the first and the last of 16 stages: 7 + 14 x 8 + 7 = 126
     assert split_layers(126, 16, 7, 7) == (7,) + (8,) * 14 + (7,)
     assert split_layers(126, 16) == (7,) + (8,) * 14 + (7,)
+    # §3.3.2 with one-layer chunks: an embedding-only first chunk and an output-only last chunk, V = 8
+    assert split_layers(126, 128, 0, 0) == (0,) + (1,) * 126 + (0,)
+    assert split_layers(3, 1, 0, 0) == ()
 
 
 def test_even_split_and_impossible():

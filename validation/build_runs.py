@@ -1,8 +1,10 @@
 """Build the validation set from the project's reference data (a developer tool; its output is committed).
 
     python validation/build_runs.py [--reference ../shared/reference/validation/throughput.csv]
+                                    [--extra validation/extra_throughput.csv]
 
-Reads every published measured run, translates what the simulator can express into a scenario
+Reads every published measured run (the project's reference data, plus ``extra_throughput.csv``:
+published runs found since, in the same columns, sources in ``EXTRA_SOURCES.md``), translates what the simulator can express into a scenario
 (``validation/scenarios/<row>.yaml``) and writes one table, ``validation/runs.csv``: the measured
 figure and its kind, the source, the assumptions made where the source is silent, and, for the
 runs the simulator cannot express yet, the reason. Translation rules (one per source) are below;
@@ -20,6 +22,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REFERENCE = HERE.parent.parent / "shared" / "reference" / "validation" / "throughput.csv"
+DEFAULT_EXTRA = HERE / "extra_throughput.csv"
 
 # Architecture traits by family (shapes come from each row).
 GPT = dict(ffn_kind="gelu", norm="layernorm", position="learned", bias=True, dropout=True, tied_embeddings=True)
@@ -91,8 +94,8 @@ def recompute(row: dict, notes: list[str]) -> str:
     if src.startswith("S02"):
         notes.append("activation checkpointing not stated: full assumed (Megatron-LM 2020 example scripts)")
         return "full"
-    if src.startswith("S09"):
-        notes.append("recompute not stated: none assumed (NeMo H100 fp8 recipes fit without it)")
+    if src.startswith(("S09", "S14")):
+        notes.append("recompute not stated: none assumed (NeMo H100 recipes fit without it)")
         return "none"
     notes.append("recompute not stated: full assumed")
     return "full"
@@ -119,8 +122,6 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     """(scenario mapping or None, assumptions, reason when None)."""
     notes: list[str] = []
     src = row["source_id"]
-    if "lora" in row["model"].lower():
-        return None, notes, "LoRA fine-tuning (frozen base weights) is not modelled yet (fine-tuning issue)"
     if src.startswith("S13"):
         return None, notes, "tensor-parallel degree, batch and step time not stated (headline 'up to' figure only)"
     topo = topology(row)
@@ -154,28 +155,46 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
         cluster["gpus"] = gpus
     par = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "zero": zero_stage(row, notes)}
     sp = row["seq_parallel"].lower()
-    modern = src.startswith(("S06", "S09"))
+    modern = src.startswith(("S06", "S09", "S14"))
     par["sequence_parallel"] = sp.startswith("yes") or (tp > 1 and sp in ("", "not stated") and modern)
     if modern and tp > 1 and sp in ("", "not stated"):
         notes.append("sequence parallelism not stated: on assumed (Megatron-Core / NeMo practice with TP)")
     par["recompute"] = recompute(row, notes)
     v = integer(row["vpp"])
-    if row["vpp"].startswith("interleaved"):
+    pinned = None
+    if row["vpp"].startswith("interleaved") and src.startswith("S06") and pp > 1:
+        # Llama 3 §3.3.2: one layer taken from the first and the last stage leaves "the first model chunk
+        # on the first stage [with] only the embedding, and the last model chunk on the last stage [with]
+        # only output projection and loss calculation", so a chunk holds one layer: V = (layers + 2) / pp
+        v, pinned = (int(row["layers"]) + 2) // pp, 0
+        notes.append(f"interleaved schedule, V not stated: one-layer chunks with an embedding-only first and an "
+                     f"output-only last chunk (Sec. 3.3.2) give V = {v}")
+    elif row["vpp"].startswith("interleaved"):
         v = 2
         notes.append("interleaved schedule, V not stated: 2 assumed")
     m = gbs // (dp * mb)
     if v and v > 1 and pp > 1:
-        if m % pp or row["layers"] and int(row["layers"]) < pp * v:
+        empty = 2 if pinned == 0 else 0          # chunks that hold no layer
+        if m % pp or row["layers"] and int(row["layers"]) < pp * v - empty:
             notes.append(f"interleaving V={v} impossible with {m} microbatches on {pp} stages: plain 1F1B used")
         else:
             par["schedule"], par["virtual_stages"] = "interleaved", v
-    if src.startswith("S06"):
-        par["first_stage_layers"] = par["last_stage_layers"] = 3 if par.get("virtual_stages", 1) == 2 else 7
+    if pinned is not None and par.get("schedule") == "interleaved":
+        par["first_stage_layers"] = par["last_stage_layers"] = pinned
     training = {"seq_len": seq, "global_batch_size": gbs, "micro_batch_size": mb, "precision": precision(row, notes)}
+    lora = "lora" in row["model"].lower()
+    if lora:
+        # NeMo 24.07 megatron_gpt_finetuning_config.yaml, peft.lora_tuning: adapter_dim 32, alpha 32,
+        # target_modules [attention_qkv] (the fused QKV projection), adapters in the model dtype
+        notes.append("LoRA settings not stated: NeMo defaults assumed (rank 32 on the QKV projection)")
     if src.startswith(("S01", "S02", "S03", "S04", "S12")):
         training["flash_attention"] = False      # these Megatron-LM / DeepSpeed runs predate FlashAttention
-    return ({"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
-             "parallelism": par}, notes, "")
+    scenario = {"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
+                "parallelism": par}
+    if lora:
+        scenario["finetune"] = {"method": "lora", "rank": 32, "alpha": 32, "target_modules": ["q", "k", "v"],
+                                "adapter_dtype": "bf16"}
+    return scenario, notes, ""
 
 
 def measured(row: dict) -> tuple[str, str, str]:
@@ -190,8 +209,13 @@ def measured(row: dict) -> tuple[str, str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--extra", type=Path, default=DEFAULT_EXTRA)
     args = parser.parse_args()
     rows = list(csv.DictReader(args.reference.open()))
+    if args.extra.is_file():
+        rows += list(csv.DictReader(args.extra.open()))
+    if len({r["row_id"] for r in rows}) != len(rows):
+        raise SystemExit("duplicate row_id between the reference and the extra rows")
     out_dir = HERE / "scenarios"
     for old in out_dir.glob("*.yaml"):
         old.unlink()
