@@ -85,3 +85,8 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True) 
 def link_efficiency(kind: str) -> float:
     """Achievable fraction of a link's per-direction rate for collective traffic."""
     return float(_table()["links"].get(kind, 1.0))
+
+
+def framework_rate(name: str, key: str) -> float:
+    """A rate (bytes/s) a framework's implementation sets (``frameworks`` in efficiency.yaml)."""
+    return parse_quantity(_table()["frameworks"][name][key], "bytes/s")

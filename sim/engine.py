@@ -332,7 +332,11 @@ class Engine:
             if self.free_communication:
                 return
             plan, group = collective_plan(op, dev_coord)
+            start = env.now
             yield net.run_plan(plan, tag=op.name)
+            rest = op.collective.floor_s * op.collective.count - (env.now - start)
+            if rest > 0:   # the framework's own rate is the limit (efficiency.yaml `frameworks`)
+                yield env.timeout(rest)
 
         for coord in coords:
             d, p, c, t = coord

@@ -78,6 +78,12 @@ class ParallelismConfig(Section):
     # partitioned 16-bit parameters (needs zero: 3)
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
+    # how ZeRO-3 moves the weights: "fsdp" (PyTorch FSDP, DeepSpeed >= 0.4.1: layer gathers prefetched
+    # on their own stream, gradients reduce-scattered on another, the recomputation reuses the
+    # backward's gather) or "deepspeed-0.3" (DeepSpeed's first ZeRO-3, spring 2021: per-parameter
+    # gathers behind torch.cuda.synchronize() at a measured per-GPU rate, gradients reduce-scattered
+    # in line, the recomputation gathers again; sim/workload.py, efficiency.yaml `frameworks`)
+    zero3_impl: Literal["fsdp", "deepspeed-0.3"] = "fsdp"
 
 
 def weight_dtype(precision: str) -> str:
@@ -151,6 +157,7 @@ class Plan:
     finetune: Finetune = FULL        # what is trained (full = every weight, as pre-training)
     offload_optimizer: bool = False  # optimizer states + master weights in CPU memory, step on the CPU
     offload_params: bool = False     # 16-bit weights in CPU memory, fetched layer by layer (ZeRO-3)
+    zero3_impl: str = "fsdp"         # how ZeRO-3 moves weights and gradients (see ParallelismConfig)
 
     @property
     def gpus(self) -> int:
@@ -184,7 +191,8 @@ class Plan:
         return sum(n for c, n in enumerate(self.chunk_layers) if c % self.pp == stage)
 
     def describe(self) -> str:
-        extra = [f"ZeRO-{self.zero}" if self.zero else "no ZeRO"]
+        extra = [(f"ZeRO-{self.zero}" + (f" ({self.zero3_impl})" if self.zero3_impl != "fsdp" else ""))
+                 if self.zero else "no ZeRO"]
         if self.sequence_parallel:
             extra.append("SP")
         extra.append(f"recompute {self.recompute}")
@@ -261,6 +269,9 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     grad_dtype = training.grad_dtype or default_grad_dtype(precision)
     if grad_dtype == "bf16" and not gpu.supports("bf16"):
         raise fail("training.grad_dtype", f"{gpu.name} has no bf16 support; expected fp16 or fp32")
+    if par.zero3_impl != "fsdp" and par.zero != 3:
+        raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
+                                             f"got zero={par.zero}")
     if par.offload_params == "cpu" and par.zero != 3:
         raise fail("parallelism.offload_params", f"offloading parameters partitions them as ZeRO-3 does "
                                                  f"(DeepSpeed ZeRO-Infinity); expected zero: 3, got zero={par.zero}")
@@ -278,4 +289,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 global_batch_size=training.global_batch_size, micro_batch_size=training.micro_batch_size,
                 precision=precision, optimizer=training.optimizer, grad_dtype=grad_dtype,
                 flash_attention=training.flash_attention, chunk_layers=chunks, finetune=ft,
-                offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu")
+                offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
+                zero3_impl=par.zero3_impl)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from sim import finetune as ftm
 from sim.activations import embedding_activation_bytes, kv_heads_per_rank, output_activation_bytes
 from sim.compute import Kernel
+from sim.efficiency import framework_rate
 from sim.kernels import LayerKernels, optimizer_kernels
 from sim.memory import bytes_per_param, extra_logits_bytes, layer_activation_total, layer_params_per_rank, \
     layer_weight_bytes, layerwise_weights, stage_memory
@@ -51,6 +52,7 @@ class Collective:
     group: str                # tp | cp | dp (data-parallel incl. cp) | pp (to the stage in ``peer_stage``) | host
     size_bytes: float
     count: int = 1            # back-to-back repetitions merged into this op
+    floor_s: float = 0.0      # the least time it takes when the framework, not the network, is the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,12 @@ class _Lowering:
         self.zero3 = layerwise_weights(plan)
         self.layer_weight_bytes = layer_weight_bytes(model, plan)              # one layer's gathered weights
         shards = plan.dp * plan.cp
-        self.param_gather = Collective("all_gather", "dp", self.layer_weight_bytes) if shards > 1 else None
+        # DeepSpeed 0.3's ZeRO-3: a rank gathers (and reduce-scatters) about a layer's full bytes at the
+        # framework's measured per-GPU rate, gradients in line, and the recomputation gathers again
+        self.zero3_rate = framework_rate("deepspeed-0.3", "zero3_bytes_per_s") \
+            if self.zero3 and plan.zero3_impl == "deepspeed-0.3" else None
+        self.param_gather = Collective("all_gather", "dp", self.layer_weight_bytes,
+                                       floor_s=self._floor(self.layer_weight_bytes)) if shards > 1 else None
         # ZeRO-Infinity: the rank's shard of the layer comes from CPU memory first
         self.param_fetch = Collective(H2D, HOST_GROUP, self.layer_weight_bytes / shards) \
             if plan.offload_params else None
@@ -148,6 +155,10 @@ class _Lowering:
         self.bucketing = False         # per-layer backward ops (the last microbatch's, for gradient buckets)
 
     # ---- pieces -------------------------------------------------------------------------------
+    def _floor(self, size_bytes: float) -> float:
+        """Least time of a ZeRO-3 weight or gradient collective when the framework sets the rate."""
+        return size_bytes / self.zero3_rate if self.zero3_rate else 0.0
+
     def cp_split(self) -> tuple[tuple[Kernel, ...], tuple[Kernel, ...], tuple[Kernel, ...]]:
         """A layer's forward kernels before, in and after the attention core (one shared tuple each)."""
         if self._cp_split is None:
@@ -200,7 +211,8 @@ class _Lowering:
         issued = [dep, dep]            # compute ops of the layers run so far (gather prefetch distance)
         # gathered weights are released after the layer's forward (the backward gathers them again);
         # a recomputation runs on the weights its backward gathered
-        free = (("weights", self.layer_weight_bytes),) if self.zero3 and phase != "recompute" else ()
+        free = (("weights", self.layer_weight_bytes),) if self.zero3 and (phase != "recompute" or self.zero3_rate) \
+            else ()
         for layer in range(layers):
             lname = f"{name}.L{layer}"
             gathered = self.gather(prog, lname, issued[-2]) if after is None else after
@@ -235,13 +247,17 @@ class _Lowering:
             lname = f"{name}.L{layers - 1 - i}" if per_layer else name     # the last layer first
             # recomputation rebuilds one layer at a time, even when n layers share an op
             alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
+            regather = self.zero3_rate is not None and plan.recompute == "full"
+            if regather:   # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights
+                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc)
+                wait, alloc = None, ()
             gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
-            if plan.recompute == "full":
+            if plan.recompute == "full" and not regather:
                 # n = 1 under ZeRO-3: the weights gathered for the backward serve the recomputation
                 dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc,
                                    after=gathered)
                 wait, alloc = None, ()
-            elif k.recompute():
+            elif plan.recompute != "full" and k.recompute():
                 dep = prog.add("compute", lname.replace("B.", "R.", 1), "recompute", (dep, gathered),
                                kernels=self.repeated(k.recompute(), n), wait=wait, alloc=alloc)
                 wait, alloc = None, ()
@@ -257,7 +273,10 @@ class _Lowering:
             wait = None
             dep = self.tp_ops(prog, lname, op, n)
             if self.zero3:   # FSDP reduce-scatters each layer's gradients as soon as they exist
-                self.grad_ops.append(self.grad_sync(prog, lname + ".grads", self.layer_params, op))
+                grads = self.grad_sync(prog, lname + ".grads", self.layer_params, op)
+                self.grad_ops.append(grads)
+                if self.zero3_rate and grads is not None:   # DeepSpeed 0.3: in line (overlap_comm off)
+                    dep = grads
         return dep, ops
 
     def grad_sync(self, prog: Program, name: str, params: float, dep: int) -> int | None:
@@ -266,7 +285,7 @@ class _Lowering:
             return None
         kind = "all_reduce" if self.plan.zero == 0 else "reduce_scatter"
         size = params * self.grad_bytes
-        return prog.add("dp", name, "comm", (dep,), collective=Collective(kind, "dp", size))
+        return prog.add("dp", name, "comm", (dep,), collective=Collective(kind, "dp", size, floor_s=self._floor(size)))
 
     def host_copy(self, prog: Program, name: str, kind: str, size_bytes: float, deps) -> int:
         """A copy between the GPU and its host (PCIe), on the ``host`` stream."""

@@ -187,3 +187,26 @@ def test_layerless_first_and_last_chunks_still_wait_for_their_neighbours(cp):
         after = [x for n, x in spans.items() if n.startswith(f"B.mb{mb}.c1") and x.stream == "compute"]
         embed = spans[f"B.mb{mb}.c0.embed"]
         assert after and embed.start_s >= max(x.end_s for x in after)
+
+
+def test_deepspeed_03_zero3_runs_at_the_framework_rate():
+    # DeepSpeed 0.3's ZeRO-3 (efficiency.yaml `frameworks`): every layer's weights are gathered for the
+    # forward, again for the recomputation and again for the backward, and its gradients are
+    # reduce-scattered in line, each at 24.6 GB/s per GPU (DeepSpeed PR #1188 / issue #1174 figures).
+    # With little compute the step is bounded below by those 4 passes, by hand:
+    h, ffn, layers = 8192, 32768, 4
+    layer_bytes = (4 * h * h + 2 * h * ffn + 4 * h) * 2          # MHA + GELU MLP + 2 LayerNorms, fp16
+    rate = 24.6e9
+    bound = 4 * layers * layer_bytes / rate
+    data = {"model": {**TINY, "layers": layers, "norm": "layernorm"}, "cluster": {"topology": "dgx-a100", "nodes": 2},
+            "training": {"seq_len": 256, "global_batch_size": 16, "micro_batch_size": 1, "precision": "fp16"},
+            "parallelism": {"tp": 1, "pp": 1, "dp": 16, "zero": 3, "recompute": "full",
+                            "zero3_impl": "deepspeed-0.3"}}
+    ds = simulate(scenario_from_mapping(data))
+    compute = ds.devices[0].breakdown_s["compute"]
+    assert bound * (1 - 1e-6) <= ds.step_time_s <= bound + compute + 0.05 * bound
+    gathers = [x for x in ds.devices[0].spans if x.name.endswith(".gather")]
+    assert len(gathers) == 3 * layers
+    assert min(x.end_s - x.start_s for x in gathers) >= layer_bytes / rate * (1 - 1e-9)
+    data["parallelism"]["zero3_impl"] = "fsdp"     # network-rate gathers, overlapped, reused for the recompute
+    assert simulate(scenario_from_mapping(data)).step_time_s < 0.5 * ds.step_time_s

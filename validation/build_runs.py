@@ -154,6 +154,10 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if gpus % per_node:
         cluster["gpus"] = gpus
     par = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "zero": zero_stage(row, notes)}
+    if src.startswith("S01") and par["zero"] == 3:
+        # the paper's ZeRO-3 runs (arXiv:2104.04473, April 2021) predate DeepSpeed 0.4.1's gather rewrite
+        par["zero3_impl"] = "deepspeed-0.3"
+        notes.append("DeepSpeed version not stated: ZeRO-3 as of v0.3 (spring 2021, the paper's date) assumed")
     sp = row["seq_parallel"].lower()
     modern = src.startswith(("S06", "S09", "S14"))
     par["sequence_parallel"] = sp.startswith("yes") or (tp > 1 and sp in ("", "not stated") and modern)
