@@ -44,12 +44,14 @@ def _parameter(row: dict, validation_dir: Path) -> tuple[str, str]:
     scenario = load_scenario(validation_dir / row["scenario"])
     gpu = scenario.cluster.gpu
     dtype = compute_dtype(scenario.plan.precision)
-    eff = gpu_efficiency(gpu, dtype, calibrated_values=False)
+    eff = gpu_efficiency(gpu, dtype, calibrated_values=False, kernel_arch=scenario.plan.kernel_arch)
     kernels = LayerKernels(scenario.model, scenario.plan)
+    # Ampere-built kernels on a Hopper GPU run at Ampere's (fitted) efficiencies: their rows inform those
+    arch = "ampere" if scenario.plan.kernel_arch == "ampere" else gpu.arch
     attention = kernels_time_s(kernels.attention_core, gpu, eff, dtype)
     if attention > 0.5 * kernels_time_s(kernels.forward, gpu, eff, dtype):
-        return gpu.arch, "attention"
-    return gpu.arch, "gemm_fp8" if dtype == "fp8" else "gemm"
+        return arch, "attention"
+    return arch, "gemm_fp8" if dtype == "fp8" else "gemm"
 
 
 def _measured_best(param: str, gpu_key: str) -> float:
@@ -79,7 +81,8 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
     ceiling: dict[tuple[str, str], float] = {}
     for r in train:
         arch, p = which[r["row_id"]]
-        if counts[(arch, p)] >= MIN_ROWS and p not in params[arch]:
+        # the start and the ceiling come from a GPU of the parameter's own architecture
+        if counts[(arch, p)] >= MIN_ROWS and p not in params[arch] and get_gpu(r["gpu"]).arch == arch:
             params[arch][p] = ceiling[(arch, p)] = _measured_best(p, r["gpu"])
     skipped = sorted(k for k, n in counts.items() if n < MIN_ROWS)
     if skipped:

@@ -60,8 +60,13 @@ def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
     return rate / gpu.peak_flops_per_s[dtype] if rate and dtype in gpu.peak_flops_per_s else None
 
 
-def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True) -> GPUEfficiency:
-    """Efficiencies of ``gpu`` computing in ``dtype`` (``calibrated_values=False``: the sourced ones only)."""
+def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
+                   kernel_arch: str = "native") -> GPUEfficiency:
+    """Efficiencies of ``gpu`` computing in ``dtype`` (``calibrated_values=False``: the sourced ones only).
+
+    ``kernel_arch="ampere"`` on a Hopper GPU: kernels built for Ampere (sm_80) reach Ampere's GEMM and
+    attention efficiencies of the share of Hopper's tensor peak that mma.sync can use (``mma_sync_share``).
+    """
     table = _table()["gpu_arch"]
     entry = {**table["default"], **table.get(gpu.arch, {})}
     fitted = {**calibrated().get(gpu.arch, {}), **_OVERRIDES.get(gpu.arch, {})} if calibrated_values else {}
@@ -73,6 +78,12 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True) 
         gemm = fitted[key]
     if "attention" in fitted:
         entry["attention"] = fitted["attention"]
+    if kernel_arch == "ampere" and gpu.arch == "hopper":
+        share = float(entry["mma_sync_share"])
+        ampere = {**table["default"], **table["ampere"]}
+        ampere_fit = {**calibrated().get("ampere", {}), **_OVERRIDES.get("ampere", {})} if calibrated_values else {}
+        gemm = share * float(ampere_fit.get("gemm", ampere["gemm_fallback"]))
+        entry["attention"] = share * float(ampere_fit.get("attention", ampere["attention"]))
     memory = entry["memory"]
     if memory == "measured":
         measured = gpu.measured_memory_bandwidth_bytes_per_s

@@ -94,7 +94,7 @@ class Engine:
         self.full = full
         gpu = self.cluster.gpu
         self.dtype = compute_dtype(self.plan.precision)
-        self.eff = gpu_efficiency(gpu, self.dtype)
+        self.eff = gpu_efficiency(gpu, self.dtype, kernel_arch=self.plan.kernel_arch)
         self.programs: list[Program] = lower(scenario.model, self.plan, scenario.memory, gpu,
                                              host=self.cluster.recipe.host,
                                              ranks_on_host=min(self.plan.gpus, self.cluster.gpus_per_node))

@@ -41,6 +41,9 @@ class TrainingConfig(Section):
     grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
     flash_attention: bool = Field(default=True, strict=True)
+    kernel_arch: Literal["native", "ampere"] = Field(
+        default="native", description="GPU architecture the framework's kernels were built for; 'ampere' on a "
+                                      "Hopper GPU: a CUDA 11.7-era stack without sm_90 code (mma.sync tensor cores)")
     tokens: float | Literal["chinchilla"] | None = Field(
         default=None, description="tokens of the whole run (a number such as 15.6e12, or 'chinchilla' = 20 per "
                                   "parameter, Hoffmann et al. 2022); gives time to train, GPU-hours, cost and energy")
@@ -158,6 +161,7 @@ class Plan:
     offload_optimizer: bool = False  # optimizer states + master weights in CPU memory, step on the CPU
     offload_params: bool = False     # 16-bit weights in CPU memory, fetched layer by layer (ZeRO-3)
     zero3_impl: str = "fsdp"         # how ZeRO-3 moves weights and gradients (see ParallelismConfig)
+    kernel_arch: str = "native"      # architecture the kernels were built for (see TrainingConfig)
 
     @property
     def gpus(self) -> int:
@@ -269,6 +273,10 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     grad_dtype = training.grad_dtype or default_grad_dtype(precision)
     if grad_dtype == "bf16" and not gpu.supports("bf16"):
         raise fail("training.grad_dtype", f"{gpu.name} has no bf16 support; expected fp16 or fp32")
+    if training.kernel_arch == "ampere" and (gpu.arch not in ("ampere", "hopper") or precision == "fp8"):
+        raise fail("training.kernel_arch", f"kernel_arch: ampere models Ampere (sm_80) kernels, which run on "
+                                           f"Ampere and Hopper GPUs in 16-bit; expected native for {gpu.name} "
+                                           f"with precision {precision}")
     if par.zero3_impl != "fsdp" and par.zero != 3:
         raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
                                              f"got zero={par.zero}")
@@ -290,4 +298,4 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 precision=precision, optimizer=training.optimizer, grad_dtype=grad_dtype,
                 flash_attention=training.flash_attention, chunk_layers=chunks, finetune=ft,
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
-                zero3_impl=par.zero3_impl)
+                zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch)

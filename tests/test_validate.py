@@ -76,3 +76,17 @@ def test_validate_report_carries_the_published_peak_memory_rows(tmp_path):
     validate.write_reports([], tmp_path, 0.06, all_rows=[], memory=memory)
     text = (tmp_path / "validation.md").read_text()
     assert "## Peak memory" in text and all(f"| {i} |" in text for i in ids)
+
+
+def test_ampere_kernels_on_hopper_use_two_thirds_of_its_peak_at_amperes_efficiency():
+    # "the older mma.sync instruction can only reach about 2/3 the peak throughput of Hopper Tensor
+    # Cores" (arXiv:2402.13499 via the FlashAttention-3 post): kernels built for sm_80 on an H100 reach
+    # Ampere's fraction of that share of the H100 peak
+    from sim.efficiency import gpu_efficiency
+    from sim.hardware import get_gpu
+    h100, a100 = get_gpu("h100-sxm"), get_gpu("a100-80gb")
+    old = gpu_efficiency(h100, "bf16", kernel_arch="ampere")
+    amp = gpu_efficiency(a100, "bf16")
+    assert old.gemm == pytest.approx(0.667 * amp.gemm) and old.attention == pytest.approx(0.667 * amp.attention)
+    native = gpu_efficiency(h100, "bf16")
+    assert old.memory == native.memory and old.gemm * h100.peak("bf16") > amp.gemm * a100.peak("bf16")

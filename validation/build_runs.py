@@ -193,6 +193,12 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
         notes.append("LoRA settings not stated: NeMo defaults assumed (rank 32 on the QKV projection)")
     if src.startswith(("S01", "S02", "S03", "S04", "S12")):
         training["flash_attention"] = False      # these Megatron-LM / DeepSpeed runs predate FlashAttention
+    if src.startswith("S07") and topo == "dgx-h100":
+        # llm-foundry's benchmark launcher (scripts/train/benchmarking/submit_benchmarks.py) runs the image
+        # mosaicml/pytorch:1.13.1_cu117: CUDA 11.7 predates Hopper (sm_90 arrived in CUDA 11.8)
+        training["kernel_arch"] = "ampere"
+        notes.append("software stack: the benchmark image PyTorch 1.13.1 + CUDA 11.7 has no Hopper kernels "
+                     "(Ampere-built kernels assumed)")
     scenario = {"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
                 "parallelism": par}
     if lora:
