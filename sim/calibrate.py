@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from sim.compute import compute_dtype, kernels_time_s
-from sim.efficiency import gpu_efficiency, set_overrides
+from sim.efficiency import gpu_efficiency
 from sim.hardware import data_dir, get_gpu
 from sim.kernels import LayerKernels
 from sim.scenario import load_scenario
@@ -59,7 +59,6 @@ def _measured_best(param: str, gpu_key: str) -> float:
     the fit and its upper bound."""
     gpu = get_gpu(gpu_key)
     dtype = "fp8" if param == "gemm_fp8" else ("bf16" if gpu.supports("bf16") else "fp16")
-    set_overrides({})
     eff = gpu_efficiency(gpu, dtype, calibrated_values=False)
     return eff.attention if param == "attention" else eff.gemm
 
@@ -84,6 +83,10 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
         # the start and the ceiling come from a GPU of the parameter's own architecture
         if counts[(arch, p)] >= MIN_ROWS and p not in params[arch] and get_gpu(r["gpu"]).arch == arch:
             params[arch][p] = ceiling[(arch, p)] = _measured_best(p, r["gpu"])
+    unanchored = sorted(k for k, n in counts.items() if n >= MIN_ROWS and k[1] not in params[k[0]])
+    if unanchored:
+        log("not fitted (no training row on a GPU of that architecture): "
+            + ", ".join(f"{a}.{p}" for a, p in unanchored))
     skipped = sorted(k for k, n in counts.items() if n < MIN_ROWS)
     if skipped:
         log("not fitted (fewer than %d training rows): %s" % (MIN_ROWS, ", ".join(f"{a}.{p}" for a, p in skipped)))

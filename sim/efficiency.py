@@ -4,6 +4,9 @@ A GPU's efficiencies come from its architecture's entry, falling back to ``defau
 means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). Values fitted by
 ``simulate calibrate`` on published training runs (``topologies/catalog/calibrated.yaml``) take
 precedence: ``gemm`` for 16-bit GEMMs, ``gemm_fp8`` for fp8 GEMMs. Link efficiencies are per link kind.
+A scenario's ``training.kernel_arch: ampere`` runs a Hopper GPU at Ampere's efficiencies of the share
+of its tensor peak that Ampere-built kernels can use; ``frameworks`` holds rates a framework's own
+implementation sets (DeepSpeed 0.3's ZeRO-3 gathers).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class GPUEfficiency:
     gemm_k_half: float = 128.0  # K at which a tile spends as long in its fixed prologue/epilogue as in its K loop
 
 
-_OVERRIDES: dict[str, dict[str, float]] = {}   # arch -> {parameter: value}, set by the calibrator
+_OVERRIDES: dict[str, dict[str, float]] | None = None   # arch -> {parameter: value}, set by the calibrator
 
 
 @functools.cache
@@ -47,10 +50,15 @@ def calibrated() -> dict[str, dict[str, float]]:
     return {arch: dict(values) for arch, values in (data.get("gpu_arch") or {}).items()}
 
 
-def set_overrides(overrides: dict[str, dict[str, float]]) -> None:
-    """Use these parameters instead of the calibrated ones (the calibrator tries candidates)."""
-    _OVERRIDES.clear()
-    _OVERRIDES.update({arch: dict(v) for arch, v in overrides.items()})
+def set_overrides(overrides: dict[str, dict[str, float]] | None) -> None:
+    """Use these fitted parameters instead of calibrated.yaml (the calibrator tries candidates; the
+    parameters it does not fit then keep their sourced values, not a previous fit's); None: the file."""
+    global _OVERRIDES
+    _OVERRIDES = None if overrides is None else {arch: dict(v) for arch, v in overrides.items()}
+
+
+def _fitted(arch: str) -> dict[str, float]:
+    return dict(calibrated().get(arch, {})) if _OVERRIDES is None else dict(_OVERRIDES.get(arch, {}))
 
 
 def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
@@ -69,7 +77,7 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
     """
     table = _table()["gpu_arch"]
     entry = {**table["default"], **table.get(gpu.arch, {})}
-    fitted = {**calibrated().get(gpu.arch, {}), **_OVERRIDES.get(gpu.arch, {})} if calibrated_values else {}
+    fitted = _fitted(gpu.arch) if calibrated_values else {}
     gemm = entry["gemm"]
     if gemm == "measured":
         gemm = _measured_gemm(gpu, dtype) or float(entry["gemm_fallback"])
@@ -81,7 +89,8 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
     if kernel_arch == "ampere" and gpu.arch == "hopper":
         share = float(entry["mma_sync_share"])
         ampere = {**table["default"], **table["ampere"]}
-        ampere_fit = {**calibrated().get("ampere", {}), **_OVERRIDES.get("ampere", {})} if calibrated_values else {}
+        ampere_fit = _fitted("ampere") if calibrated_values else {}
+        # uncalibrated: Ampere's GEMM fallback (an A100's MAMF share is not this GPU's measurement)
         gemm = share * float(ampere_fit.get("gemm", ampere["gemm_fallback"]))
         entry["attention"] = share * float(ampere_fit.get("attention", ampere["attention"]))
     memory = entry["memory"]

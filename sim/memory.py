@@ -375,7 +375,7 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
         parts["logits"] = act.output_activation_bytes(model, **shape, dtype_bytes=e) * logits
         if config.logits_copies > 1:
             parts["logits_copies"] = extra_logits_bytes(model, plan, config) * logits
-    if plan.recompute != "none":
+    if plan.recompute != "none" and plan.stage_layers(stage):
         # the backward of one layer rebuilds what recomputation dropped: one layer's tensors at a time
         parts["recompute_workspace"] = layer_activation_total(model, plan, "none") - per_layer
     return parts
@@ -408,7 +408,7 @@ def zero3_gathered_bytes(model: ModelSpec, plan: Plan) -> float:
 
 def stage_memory(model: ModelSpec, plan: Plan, gpu: GPUSpec, config: MemoryConfig, stage: int) -> DeviceMemory:
     states = model_states(model, plan, stage)
-    gathered = zero3_gathered_bytes(model, plan)
+    gathered = zero3_gathered_bytes(model, plan) if plan.stage_layers(stage) else 0.0   # a layerless stage gathers none
     dequant = ftm.dequant_buffer_bytes(model, plan.finetune, plan.tp, plan.tensor_bytes)
     acts = activation_bytes(model, plan, stage, config)
     other = {"cuda_context": config.cuda_context_bytes, "workspace": config.workspace_bytes,

@@ -84,9 +84,12 @@ class ParallelismConfig(Section):
     # how ZeRO-3 moves the weights: "fsdp" (PyTorch FSDP, DeepSpeed >= 0.4.1: layer gathers prefetched
     # on their own stream, gradients reduce-scattered on another, the recomputation reuses the
     # backward's gather) or "deepspeed-0.3" (DeepSpeed's first ZeRO-3, spring 2021: per-parameter
-    # gathers behind torch.cuda.synchronize() at a measured per-GPU rate, gradients reduce-scattered
-    # in line, the recomputation gathers again; sim/workload.py, efficiency.yaml `frameworks`)
-    zero3_impl: Literal["fsdp", "deepspeed-0.3"] = "fsdp"
+    # gathers, each after torch.cuda.synchronize(), so one is prefetched at a time, at a measured
+    # per-GPU rate; gathers and gradient reduce-scatters queue on one process group, the latter in
+    # line; the recomputation gathers again; sim/workload.py, efficiency.yaml `frameworks`)
+    zero3_impl: Literal["fsdp", "deepspeed-0.3"] = Field(
+        default="fsdp", description="how ZeRO-3 moves weights and gradients: fsdp, or DeepSpeed's first "
+                                    "ZeRO-3 (deepspeed-0.3, 2021)")
 
 
 def weight_dtype(precision: str) -> str:
@@ -197,6 +200,8 @@ class Plan:
     def describe(self) -> str:
         extra = [(f"ZeRO-{self.zero}" + (f" ({self.zero3_impl})" if self.zero3_impl != "fsdp" else ""))
                  if self.zero else "no ZeRO"]
+        if self.kernel_arch != "native":
+            extra.append(f"{self.kernel_arch}-built kernels")
         if self.sequence_parallel:
             extra.append("SP")
         extra.append(f"recompute {self.recompute}")
@@ -250,9 +255,11 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                                                  f"(schedule is {par.schedule}); expected 1")
     chunks = split_layers(model.layers, pp * v, par.first_stage_layers, par.last_stage_layers)
     if not chunks:
-        raise fail("parallelism.pp", f"cannot split {model.layers} layers into pp({pp}) * virtual_stages({v}) = "
-                                     f"{pp * v} chunks with first_stage_layers={par.first_stage_layers}, "
-                                     f"last_stage_layers={par.last_stage_layers}; expected at least one layer in every other chunk")
+        pinned = par.first_stage_layers is not None or par.last_stage_layers is not None
+        raise fail("parallelism.first_stage_layers" if pinned else "parallelism.pp",
+                   f"cannot split {model.layers} layers into pp({pp}) * virtual_stages({v}) = {pp * v} chunks "
+                   f"with first_stage_layers={par.first_stage_layers}, last_stage_layers={par.last_stage_layers}; "
+                   f"expected at least one layer in every chunk except a first or last one pinned to 0")
     if training.global_batch_size % (dp * training.micro_batch_size):
         raise fail("training.global_batch_size",
                    f"global_batch_size={training.global_batch_size} is not divisible by dp({dp}) * "

@@ -208,7 +208,10 @@ def auto_points(model: ModelSpec, training: TrainingConfig, parallelism: Paralle
                                         "parallelism.dp": dp, "parallelism.zero": zero,
                                         "parallelism.sequence_parallel": sp, "parallelism.recompute": recompute,
                                         "parallelism.schedule": schedule, "parallelism.virtual_stages": v,
-                                        "training.micro_batch_size": mbs, **pins})
+                                        "training.micro_batch_size": mbs, **pins,
+                                        # a base ZeRO-3 implementation does not apply to other stages
+                                        **({"parallelism.zero3_impl": "fsdp"}
+                                           if zero != 3 and parallelism.zero3_impl != "fsdp" else {})})
     return points
 
 

@@ -49,7 +49,7 @@ def to_dict(a: Analysis, *, pue: float = DEFAULT_PUE) -> dict[str, Any]:
         "gpus": plan.gpus,
         "cluster": s.cluster.describe(),
         "plan": {"tp": plan.tp, "pp": plan.pp, "cp": plan.cp, "dp": plan.dp, "zero": plan.zero,
-                 "zero3_impl": plan.zero3_impl,
+                 "zero3_impl": plan.zero3_impl, "kernel_arch": plan.kernel_arch,
                  "sequence_parallel": plan.sequence_parallel, "recompute": plan.recompute,
                  "schedule": plan.schedule, "virtual_stages": plan.virtual_stages,
                  "layers_per_stage": [plan.stage_layers(i) for i in range(plan.pp)],

@@ -47,7 +47,7 @@ class RowResult:
         return self.predicted_step_s / self.measured_step_s - 1
 
 
-def _simulate_row(args: tuple[dict, str, dict]) -> RowResult:
+def _simulate_row(args: tuple[dict, str, dict | None]) -> RowResult:
     row, base, overrides = args
     set_overrides(overrides)
     common = dict(row_id=row["row_id"], source_id=row["source_id"], model=row["model"], gpu=row["gpu"],
@@ -83,7 +83,7 @@ def run(validation_dir: Path, *, only: set[str] | None = None, fast: bool = Fals
         rows: list[dict] | None = None, overrides: dict | None = None) -> list[RowResult]:
     """Simulate the rows (all, ``only`` these ids, the ``fast`` subset, or the given ``rows``)."""
     rows = load_rows(validation_dir, only, fast) if rows is None else rows
-    jobs = [(r, str(validation_dir), overrides or {}) for r in rows]
+    jobs = [(r, str(validation_dir), overrides) for r in rows]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(_simulate_row, jobs, chunksize=1))
@@ -196,7 +196,7 @@ def write_reports(results: list[RowResult], out_dir: Path, threshold: float, *, 
     for r in results:
         err = f"failed: {r.error}" if r.error else f"{r.rel_error:+.1%}"
         lines.append(f"| {r.row_id} | {r.source_id} | {r.model} | {r.gpus} x {r.gpu} | {r.metric} | "
-                     f"{r.measured:.4g} | {r.predicted:.4g} | {err} | {assumed.get(r.row_id, '')} |")
+                     f"{r.measured:.4g} | {r.predicted:.4g} | {err} | {assumed.get(r.row_id, '').replace('|', '/')} |")
     skipped = [row for row in all_rows if not row["scenario"]]
     if skipped:
         lines += ["", "## Published runs the simulator cannot express yet", ""]

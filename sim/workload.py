@@ -52,7 +52,7 @@ class Collective:
     group: str                # tp | cp | dp (data-parallel incl. cp) | pp (to the stage in ``peer_stage``) | host
     size_bytes: float
     count: int = 1            # back-to-back repetitions merged into this op
-    floor_s: float = 0.0      # the least time it takes when the framework, not the network, is the limit
+    floor_s: float = 0.0      # least time per repetition when the framework, not the network, is the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,16 +242,26 @@ class _Lowering:
         per_layer = self.cp_comm is not None or self.bucketing or self.zero3
         n = 1 if per_layer else layers
         ops: list[int] = []
+        computes: list[int] = []       # recompute and backward ops in order (gather prefetch distance)
+        regather = self.zero3_rate is not None and plan.recompute == "full"
+        ahead = None                   # DeepSpeed 0.3: the next recomputation's gather, issued ahead
         start = dep
         for i in range(layers if per_layer else 1):
             lname = f"{name}.L{layers - 1 - i}" if per_layer else name     # the last layer first
             # recomputation rebuilds one layer at a time, even when n layers share an op
             alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
-            regather = self.zero3_rate is not None and plan.recompute == "full"
-            if regather:   # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights
-                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc)
-                wait, alloc = None, ()
-            gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
+            if regather:
+                # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights, one
+                # module prefetched as in the forward pass; the backward then gathers them again
+                rname = lname.replace("B.", "R.", 1)
+                if ahead is None:
+                    ahead = self.gather(prog, rname, computes[-2] if len(computes) >= 2 else start)
+                dep = self.forward(prog, rname, "recompute", dep, n, wait=wait, alloc=alloc, after=ahead)
+                computes.append(dep)
+                wait, alloc, ahead = None, (), None
+                gathered = self.gather(prog, lname, computes[-2] if len(computes) >= 2 else start)
+            else:
+                gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
             if plan.recompute == "full" and not regather:
                 # n = 1 under ZeRO-3: the weights gathered for the backward serve the recomputation
                 dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc,
@@ -267,15 +277,22 @@ class _Lowering:
             op = prog.add("compute", lname, "backward", (dep, gathered), kernels=self.repeated(k.backward, n),
                           wait=wait, alloc=alloc, free=free)
             ops.append(op)
+            computes.append(op)
+            if regather and i + 1 < layers:
+                # the prefetch of the next recomputation's weights is issued during this backward, ahead
+                # of this layer's gradient reduce-scatter on the same process group
+                ahead = self.gather(prog, f"{name}.L{layers - 2 - i}".replace("B.", "R.", 1), computes[-2])
             if self.cp_comm is not None:   # ring attention's backward returns dK, dV to their owners
                 self.grad_ops.append(prog.add("cp", lname + ".dkv", "comm", (op,), collective=Collective(
                     "reduce_scatter", "cp", self.cp_comm.size_bytes)))
             wait = None
             dep = self.tp_ops(prog, lname, op, n)
             if self.zero3:   # FSDP reduce-scatters each layer's gradients as soon as they exist
-                grads = self.grad_sync(prog, lname + ".grads", self.layer_params, op)
+                # DeepSpeed 0.3 reduce-scatters in line (overlap_comm off): after the layer's TP
+                # collective, and the next layer waits for it
+                grads = self.grad_sync(prog, lname + ".grads", self.layer_params, dep if self.zero3_rate else op)
                 self.grad_ops.append(grads)
-                if self.zero3_rate and grads is not None:   # DeepSpeed 0.3: in line (overlap_comm off)
+                if self.zero3_rate and grads is not None:
                     dep = grads
         return dep, ops
 
@@ -285,7 +302,9 @@ class _Lowering:
             return None
         kind = "all_reduce" if self.plan.zero == 0 else "reduce_scatter"
         size = params * self.grad_bytes
-        return prog.add("dp", name, "comm", (dep,), collective=Collective(kind, "dp", size, floor_s=self._floor(size)))
+        # DeepSpeed 0.3 gathers and reduce-scatters on one process group: one NCCL queue, in issue order
+        stream = "gather" if self.zero3_rate else "dp"
+        return prog.add(stream, name, "comm", (dep,), collective=Collective(kind, "dp", size, floor_s=self._floor(size)))
 
     def host_copy(self, prog: Program, name: str, kind: str, size_bytes: float, deps) -> int:
         """A copy between the GPU and its host (PCIe), on the ``host`` stream."""

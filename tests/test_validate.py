@@ -32,6 +32,8 @@ def test_validate_fast_subset(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0, out
     assert (tmp_path / "validation.md").is_file() and (tmp_path / "validation.png").is_file()
+    report = (tmp_path / "validation.md").read_text()
+    assert "## Fitted parameters" in report and "assumed where the source is silent" in report
     rows = list(csv.DictReader((tmp_path / "validation.csv").open()))
     assert len(rows) >= 15 and not any(r["error"] for r in rows)
     errors = [abs(float(r["rel_error"])) for r in rows]

@@ -189,8 +189,10 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     lora = "lora" in row["model"].lower()
     if lora:
         # NeMo 24.07 megatron_gpt_finetuning_config.yaml, peft.lora_tuning: adapter_dim 32, alpha 32,
-        # target_modules [attention_qkv] (the fused QKV projection), adapters in the model dtype
-        notes.append("LoRA settings not stated: NeMo defaults assumed (rank 32 on the QKV projection)")
+        # target_modules [attention_qkv] (one adapter on the fused QKV projection); modelled as rank-32
+        # adapters on q, k and v (2 x r x hidden more adapter parameters per layer), bf16 adapters
+        notes.append("LoRA settings not stated: NeMo defaults assumed (rank 32 on the QKV projection, "
+                     "modelled as rank-32 adapters on q, k and v)")
     if src.startswith(("S01", "S02", "S03", "S04", "S12")):
         training["flash_attention"] = False      # these Megatron-LM / DeepSpeed runs predate FlashAttention
     if src.startswith("S07") and topo == "dgx-h100":
