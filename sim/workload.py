@@ -210,7 +210,7 @@ class _Lowering:
             return self.tp_ops(prog, name, op, layers)
         issued = [dep, dep]            # compute ops of the layers run so far (gather prefetch distance)
         # gathered weights are released after the layer's forward (the backward gathers them again);
-        # a recomputation runs on the weights its backward gathered
+        # a recomputation runs on the weights its backward gathered (DeepSpeed 0.3: on its own gather)
         free = (("weights", self.layer_weight_bytes),) if self.zero3 and (phase != "recompute" or self.zero3_rate) \
             else ()
         for layer in range(layers):
