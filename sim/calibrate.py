@@ -6,12 +6,13 @@ validation set (rows with an even number) and checked on the other half, which t
 sees. The fit is a fixed-point iteration per (architecture, parameter): efficiency x= the geometric
 mean, over the sources, of each source's median predicted / measured step time on the training
 rows that parameter governs (rows whose layer time is mostly attention for ``attention``; else
-16-bit rows for ``gemm``, fp8 rows for ``gemm_fp8``). Each independent source weighs the same: one
-source with many rows of one software stack (llm-foundry's 2023 H100 tables) does not set a GPU's
-rate alone, and another stack's runs on the same GPU (NeMo's) are not left far off. A parameter
+16-bit rows for ``gemm``, fp8 rows for ``gemm_fp8``; rows run with Ampere-built kernels on Hopper
+inform Ampere's parameters). Each independent source weighs the same: one source with many rows of
+one software stack does not set a GPU's rate alone, and another stack's runs on the same GPU are not
+left far off. A parameter
 is fitted only when at least ``MIN_ROWS`` training rows depend on it, and never above the best-shape
 GEMM rate measured for that GPU (MAMF, gpus.yaml): a fit cannot make a GPU faster than its own
-measured peak GEMM. Everything else (attention, memory bandwidth, links) keeps its sourced value. The result goes to
+measured peak GEMM. Everything else (memory bandwidth, links, unfitted parameters) keeps its sourced value. The result goes to
 ``topologies/catalog/calibrated.yaml``, with the rows it was fitted on and the errors.
 """
 from __future__ import annotations
