@@ -104,6 +104,12 @@ def fit(validation_dir: Path, *, iterations: int = 4, workers: int = 2, log=prin
                 params[arch][p] = round(new, 4)
         log(f"iteration {it + 1}: median |error| on fitted rows {median_abs(results):.1%}; "
             + ", ".join(f"{a}.{p}={v:.3f}" for a, ps in sorted(params.items()) for p, v in sorted(ps.items())))
+    # what the fitted GEMM rates are as a share of their GPUs' MAMF best-shape rates: architectures
+    # without a fit of their own (Blackwell, CDNA3) train at this share of their MAMF measurements
+    shares = [v / ceiling[(a, p)] for a, ps in params.items() for p, v in ps.items() if p in ("gemm", "gemm_fp8")
+              and ceiling.get((a, p))]
+    if shares:
+        params["default"] = {"mamf_share": round(statistics.median(shares), 4)}
     fitted = run(validation_dir, rows=train, workers=workers, overrides=params)
     held_out = run(validation_dir, rows=test, workers=workers, overrides=params)
     return {"params": {a: dict(sorted(p.items())) for a, p in sorted(params.items()) if p},

@@ -79,9 +79,13 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
     entry = {**table["default"], **table.get(gpu.arch, {})}
     fitted = _fitted(gpu.arch) if calibrated_values else {}
     gemm = entry["gemm"]
-    if gemm == "measured":
-        gemm = _measured_gemm(gpu, dtype) or float(entry["gemm_fallback"])
     key = "gemm_fp8" if dtype == "fp8" else "gemm"
+    if gemm == "measured":
+        measured = _measured_gemm(gpu, dtype)
+        gemm = measured or float(entry["gemm_fallback"])
+        if measured and gpu.measured_gemm_mamf and key not in fitted and calibrated_values:
+            # no fit for this architecture: train at the share of MAMF the fitted ones reach
+            gemm *= float(_fitted("default").get("mamf_share", 1.0))
     if key in fitted:
         gemm = fitted[key]
     if "attention" in fitted:

@@ -88,6 +88,7 @@ class GPUEntry(Section):
     memory_bandwidth: BytesPerS
     tdp: Watts | None = None
     measured_gemm: Rates = {}
+    measured_gemm_mamf: bool = Field(default=False, strict=True, description="measured_gemm is a MAMF best-shape rate")
     measured_memory_bandwidth: BytesPerS | None = None
     sm_count: int | None = Field(default=None, ge=1, strict=True)
     sources: list[str] = []
@@ -123,6 +124,7 @@ class GPUSpec:
     tdp_w: float | None = None                  # board power; None for a user GPU that does not say
     measured_gemm_flops_per_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     # ^ best large-GEMM rate per dtype measured by third parties (calibration anchor; may be empty)
+    measured_gemm_mamf: bool = False            # those rates are MAMF best-shape sweeps (Bekman's mamf-finder)
     measured_memory_bandwidth_bytes_per_s: float | None = None             # STREAM-like measurement by others
     sm_count: int | None = None                 # streaming multiprocessors (GEMM wave quantization); None = unknown
     sources: tuple[str, ...] = ()               # source keys of hardware.md ("S6", ...) or free text
@@ -230,6 +232,7 @@ def _gpu_from_entry(e: GPUEntry) -> GPUSpec:
                    usable_memory_bytes=e.usable_memory if e.usable_memory is not None else e.memory,
                    memory_bandwidth_bytes_per_s=e.memory_bandwidth, tdp_w=e.tdp,
                    measured_gemm_flops_per_s=MappingProxyType(dict(e.measured_gemm)),
+                   measured_gemm_mamf=e.measured_gemm_mamf and bool(e.measured_gemm),
                    measured_memory_bandwidth_bytes_per_s=e.measured_memory_bandwidth,
                    sm_count=e.sm_count, sources=tuple(e.sources))
 

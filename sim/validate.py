@@ -220,8 +220,10 @@ def _fit_lines(results: list[RowResult]) -> list[str]:
     held = [abs(r.rel_error) for r in ok if not is_training({"row_id": r.row_id})]
     lines = ["", "## Fitted parameters (`simulate calibrate`, topologies/catalog/calibrated.yaml)", "",
              "Fitted on the even-numbered rows, each source weighing the same; every other constant keeps its "
-             "sourced value (topologies/catalog/efficiency.yaml).", "",
-             "| architecture | parameter | fraction of peak |", "|---|---|---|"]
+             "sourced value (topologies/catalog/efficiency.yaml). Values are fractions of the GPU's peak; "
+             "`default / mamf_share` is the share of the MAMF best-shape GEMM rate that the fitted GEMM rates "
+             "reach, used for architectures without a fit of their own.", "",
+             "| architecture | parameter | value |", "|---|---|---|"]
     lines += [f"| {arch} | {name} | {value:.4f} |" for arch, ps in sorted(params.items())
               for name, value in sorted(ps.items())]
     if fitted and held:

@@ -92,3 +92,19 @@ def test_ampere_kernels_on_hopper_use_two_thirds_of_its_peak_at_amperes_efficien
     assert old.gemm == pytest.approx(0.667 * amp.gemm) and old.attention == pytest.approx(0.667 * amp.attention)
     native = gpu_efficiency(h100, "bf16")
     assert old.memory == native.memory and old.gemm * h100.peak("bf16") > amp.gemm * a100.peak("bf16")
+
+
+def test_architectures_without_a_fit_train_at_the_fitted_share_of_their_mamf_rate():
+    # the share is the median, over the fitted GEMM rates, of fitted / MAMF (gpus.yaml: A100 271.2 of
+    # 312, H100 794.5 of 989 bf16 and 1402.6 of 1979 fp8 TFLOP/s); a B200 (no fit) then trains at that
+    # share of its MAMF rate, 1745 of 2250 TFLOP/s
+    import statistics
+    from sim.efficiency import calibrated, gpu_efficiency
+    from sim.hardware import get_gpu
+    fit = calibrated()
+    shares = [fit["ampere"]["gemm"] / (271.2 / 312), fit["hopper"]["gemm"] / (794.5 / 989),
+              fit["hopper"]["gemm_fp8"] / (1402.6 / 1979)]
+    assert fit["default"]["mamf_share"] == pytest.approx(statistics.median(shares), abs=1e-3)
+    assert gpu_efficiency(get_gpu("b200"), "bf16").gemm == pytest.approx(fit["default"]["mamf_share"] * 1745 / 2250)
+    # GPUs whose measurement is not a MAMF sweep keep it (V100: a cuBLAS report)
+    assert gpu_efficiency(get_gpu("v100-32gb"), "fp16").gemm == pytest.approx(97 / 125)
