@@ -61,6 +61,12 @@ def _fitted(arch: str) -> dict[str, float]:
     return dict(calibrated().get(arch, {})) if _OVERRIDES is None else dict(_OVERRIDES.get(arch, {}))
 
 
+def _arch_entry(arch: str) -> dict[str, Any]:
+    """An architecture's sourced efficiencies, ``default`` filling what it leaves out."""
+    table = _table()["gpu_arch"]
+    return {**table["default"], **table.get(arch, {})}
+
+
 def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
     rate = gpu.measured_gemm_flops_per_s.get(dtype)
     if rate is None and dtype in ("bf16", "fp16"):  # bf16 and fp16 share the tensor cores
@@ -75,8 +81,7 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
     ``kernel_arch="ampere"`` on a Hopper GPU: kernels built for Ampere (sm_80) reach Ampere's GEMM and
     attention efficiencies of the share of Hopper's tensor peak that mma.sync can use (``mma_sync_share``).
     """
-    table = _table()["gpu_arch"]
-    entry = {**table["default"], **table.get(gpu.arch, {})}
+    entry = _arch_entry(gpu.arch)
     fitted = _fitted(gpu.arch) if calibrated_values else {}
     gemm = entry["gemm"]
     key = "gemm_fp8" if dtype == "fp8" else "gemm"
@@ -92,7 +97,7 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
         entry["attention"] = fitted["attention"]
     if kernel_arch == "ampere" and gpu.arch == "hopper":
         share = float(entry["mma_sync_share"])
-        ampere = {**table["default"], **table["ampere"]}
+        ampere = _arch_entry("ampere")
         ampere_fit = _fitted("ampere") if calibrated_values else {}
         # uncalibrated: Ampere's GEMM fallback (an A100's MAMF share is not this GPU's measurement)
         gemm = share * float(ampere_fit.get("gemm", ampere["gemm_fallback"]))

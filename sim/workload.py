@@ -254,8 +254,8 @@ class _Lowering:
                 # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights, one
                 # module prefetched as in the forward pass; the backward then gathers them again
                 rname = lname.replace("B.", "R.", 1)
-                if ahead is None:
-                    ahead = self.gather(prog, rname, computes[-2] if len(computes) >= 2 else start)
+                if ahead is None:   # the first layer: nothing ran before it to prefetch behind
+                    ahead = self.gather(prog, rname, start)
                 dep = self.forward(prog, rname, "recompute", dep, n, wait=wait, alloc=alloc, after=ahead)
                 computes.append(dep)
                 wait, alloc, ahead = None, (), None
