@@ -90,6 +90,11 @@ class ParallelismConfig(Section):
     zero3_impl: Literal["fsdp", "deepspeed-0.3"] = Field(
         default="fsdp", description="how ZeRO-3 moves weights and gradients: fsdp, or DeepSpeed's first "
                                     "ZeRO-3 (deepspeed-0.3, 2021)")
+    # Megatron-Core / Transformer Engine userbuffers (--tp-comm-overlap, NeMo ub_tp_comm_overlap): the
+    # sequence-parallel all-gathers and reduce-scatters run beside the GEMMs that consume or produce
+    # them instead of between them (sim/workload.py); needs sequence_parallel
+    tp_comm_overlap: bool = Field(default=False, strict=True,
+                                  description="overlap TP collectives with the layer's GEMMs (TE userbuffers)")
 
 
 def weight_dtype(precision: str) -> str:
@@ -165,6 +170,7 @@ class Plan:
     offload_params: bool = False     # 16-bit weights in CPU memory, fetched layer by layer (ZeRO-3)
     zero3_impl: str = "fsdp"         # how ZeRO-3 moves weights and gradients (see ParallelismConfig)
     kernel_arch: str = "native"      # architecture the kernels were built for (see TrainingConfig)
+    tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
 
     @property
     def gpus(self) -> int:
@@ -204,6 +210,8 @@ class Plan:
             extra.append(f"{self.kernel_arch}-built kernels")
         if self.sequence_parallel:
             extra.append("SP")
+        if self.tp_comm_overlap and self.tp > 1:
+            extra.append("TP-comm overlap")
         extra.append(f"recompute {self.recompute}")
         sched = self.schedule + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
         if self.offload_optimizer or self.offload_params:
@@ -287,6 +295,11 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     if par.zero3_impl != "fsdp" and par.zero != 3:
         raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
                                              f"got zero={par.zero}")
+    if par.tp_comm_overlap and tp > 1 and not par.sequence_parallel:
+        raise fail("parallelism.tp_comm_overlap", "TP-communication overlap pipelines the all-gathers and "
+                                                  "reduce-scatters of sequence parallelism (Megatron-LM: "
+                                                  "--tp-comm-overlap needs --sequence-parallel); expected "
+                                                  "sequence_parallel: true")
     if par.offload_params == "cpu" and par.zero != 3:
         raise fail("parallelism.offload_params", f"offloading parameters partitions them as ZeRO-3 does "
                                                  f"(DeepSpeed ZeRO-Infinity); expected zero: 3, got zero={par.zero}")
@@ -305,4 +318,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 precision=precision, optimizer=training.optimizer, grad_dtype=grad_dtype,
                 flash_attention=training.flash_attention, chunk_layers=chunks, finetune=ft,
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
-                zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch)
+                zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch,
+                tp_comm_overlap=par.tp_comm_overlap and tp > 1)

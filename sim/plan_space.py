@@ -211,7 +211,10 @@ def auto_points(model: ModelSpec, training: TrainingConfig, parallelism: Paralle
                                         "training.micro_batch_size": mbs, **pins,
                                         # a base ZeRO-3 implementation does not apply to other stages
                                         **({"parallelism.zero3_impl": "fsdp"}
-                                           if zero != 3 and parallelism.zero3_impl != "fsdp" else {})})
+                                           if zero != 3 and parallelism.zero3_impl != "fsdp" else {}),
+                                        # nor a base TP-comm overlap to points without sequence parallelism
+                                        **({"parallelism.tp_comm_overlap": False}
+                                           if parallelism.tp_comm_overlap and not sp else {})})
     return points
 
 

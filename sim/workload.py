@@ -5,12 +5,13 @@ Every device of a stage runs the same program; only the process groups its colle
 chunk, pass) carrying the kernels of all its layers, and per layer where something happens between
 layers (the last microbatch's backward, whose gradient buckets start reducing as layers finish;
 context parallelism). The TP collectives of a pass are one op on the ``tp`` stream
-(Megatron-LM runs them on the critical path unless TP-comm overlap is on: forward with sequence
-parallelism = 2 all-gathers + 2 reduce-scatters of the [s, b, h] activation, without it 2
-all-reduces; the backward the same); with context parallelism the K/V ring exchange runs on the
-``cp`` stream concurrently with the attention core; the last microbatch's backward fills gradient
-buckets that are reduced on the ``dp`` stream as soon as they are full (Megatron-LM DDP
-overlap_grad_reduce); activations go to the next stage on the ``pp`` stream.
+(Megatron-LM runs them on the critical path: forward with sequence parallelism = 2 all-gathers +
+2 reduce-scatters of the [s, b, h] activation, without it 2 all-reduces; the backward the same;
+with TP-comm overlap they run beside the pass's compute, :data:`TP_OVERLAP_SPLITS`); with context
+parallelism the K/V ring exchange runs on the ``cp`` stream concurrently with the attention core;
+the last microbatch's backward fills gradient buckets that are reduced on the ``dp`` stream as soon
+as they are full (Megatron-LM DDP overlap_grad_reduce); activations go to the next stage on the
+``pp`` stream.
 
 Fine-tuning and offload (:mod:`sim.finetune`, :mod:`sim.offload`): only trainable parameters
 (the adapters under LoRA) have gradients to reduce and an optimizer step; copies between a GPU and
@@ -37,6 +38,15 @@ from sim.schedule import stage_schedule
 STREAMS = ("compute", "tp", "cp", "dp", "gather", "pp", "host", "cpu")
 """The streams of a device, in display order: GPU kernels, the collectives of each process group,
 ZeRO-3 weight gathers, pipeline sends, GPU <-> CPU copies, and work on the host CPU."""
+
+# TP-comm overlap (Transformer Engine userbuffers as NeMo configures it, NeMo-Framework-Launcher
+# conf/training/tp_overlap/ub_cfg_h100_*.yaml): the all-gathers before the QKV and first MLP GEMMs are
+# ring exchanges beside those GEMMs' chunks (the first chunk is the rank's own shard), the backward's
+# collectives bulk overlaps beside the dgrad / wgrad GEMMs, and the forward's reduce-scatters after
+# the output projection and the second MLP GEMM "pipeline" overlaps in num_splits = 4 chunks, whose
+# last chunk's reduce-scatter can only start when the GEMM ends. Not modelled: the SMs those
+# reduce-scatters take from their GEMMs (num_sm 24 and 8 of an H100's 132 in the same files)
+TP_OVERLAP_SPLITS = 4
 
 # Megatron-LM DDP: bucket_size = max(40,000,000, 1,000,000 x dp) parameters
 # (megatron/core/distributed/distributed_data_parallel.py).
@@ -174,12 +184,32 @@ class _Lowering:
             self._repeats[key] = (kernels, kernels * n)
         return self._repeats[key][1]
 
-    def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1) -> int:
-        last = dep
+    def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1, first: int | None = None) -> int:
+        """The TP collectives of the pass whose (last) compute op is ``dep``: after it, on the critical
+        path; with TP-comm overlap beside it from the start of its first op ``first``, with only the
+        last split of the forward's pipelined reduce-scatters after it (:data:`TP_OVERLAP_SPLITS`).
+        Returns the op the next compute waits for."""
+        if not self.tp_comm:
+            return dep
+        if not (self.plan.tp_comm_overlap and self.plan.sequence_parallel):
+            last = dep
+            for c in self.tp_comm:
+                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+                last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
+            return last
+        start = prog.ops[dep if first is None else first]
+        forward = start.phase != "backward"
+        tail = 1.0 / TP_OVERLAP_SPLITS if forward else 0.0
+        beside = None
         for c in self.tp_comm:
-            col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
-            last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
-        return last
+            share = 1.0 - tail if c.kind == "reduce_scatter" else 1.0
+            col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers)
+            deps = start.deps if beside is None else (beside,)
+            beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col,
+                              wait=start.wait if deps is start.deps else None)
+        rs = self.tp_comm[-1]
+        col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers) if tail else None
+        return prog.add("tp", f"{name}.tp_tail", "comm", (dep, beside), collective=col)
 
     def gather(self, prog: Program, name: str, dep) -> int | None:
         """ZeRO-3 / FSDP: all-gather one layer's 16-bit weights before it runs, prefetched one layer
@@ -229,7 +259,7 @@ class _Lowering:
                 kv = prog.add("cp", lname + ".kv", "comm", (pre,), collective=self.cp_comm)
                 core = prog.add("compute", lname + ".attn", phase, (pre,), kernels=core_k)
                 op = prog.add("compute", lname + ".post", phase, (core, kv), kernels=post_k, free=free)
-            dep, wait, alloc = self.tp_ops(prog, lname, op), None, ()
+            dep, wait, alloc = self.tp_ops(prog, lname, op, first=issued[-1]), None, ()
         return dep
 
     def backward(self, prog: Program, name: str, dep, layers: int, wait=None) -> tuple[int, list[int]]:

@@ -237,3 +237,37 @@ def test_deepspeed_03_reduce_scatter_waits_for_the_layers_tp_collective():
     first_tp = min(tp_bwd)
     assert any(first_tp in ancestors(i) for i in later if i > first_tp)
     assert all(first_tp in ancestors(i) for i in later if i > first_tp)
+
+
+def _tp_overlap_case(overlap: bool, tp: int = 8, nodes: int = 1):
+    model = {"layers": 8, "hidden": 4096 if tp > 8 else 8192, "heads": 64, "kv_heads": 8,
+             "ffn_hidden": 14336 if tp > 8 else 28672, "vocab": 128256, "max_seq_len": 8192,
+             "ffn_kind": "swiglu", "position": "rope"}
+    data = {"model": model, "cluster": {"topology": "dgx-h100", "nodes": nodes},
+            "training": {"seq_len": 8192, "global_batch_size": 8, "micro_batch_size": 4},
+            "parallelism": {"tp": tp, "pp": 1, "dp": 1, "sequence_parallel": True, "tp_comm_overlap": overlap,
+                            "tp_across_nodes": tp > 8}}
+    return scenario_from_mapping(data)
+
+
+def test_tp_comm_overlap_leaves_the_last_pipelined_reduce_scatter_split_exposed():
+    # Without overlap the TP collectives are exposed: X = step - compute-only step. With it, only the
+    # last of num_splits = 4 chunks of the forward's 2 reduce-scatters per layer waits for its GEMM:
+    # a quarter of the forward's reduce-scatter bytes, i.e. 1/4 x 1/2 (RS of AG + RS) x 1/2 (forward of
+    # forward + backward, no recompute) = X / 16, plus the latency of the extra split
+    on, off = _tp_overlap_case(True), _tp_overlap_case(False)
+    compute = simulate(on, free_communication=True).step_time_s
+    exposed = simulate(off).step_time_s - compute
+    extra = simulate(on).step_time_s - compute
+    assert 0.95 * exposed / 16 <= extra <= 1.2 * exposed / 16
+
+
+def test_tp_comm_overlap_cannot_hide_more_than_the_compute():
+    # 16-way TP across two nodes: the collectives take as long as the compute. Overlapped, the step
+    # is at least the longer of the two and at most their sum
+    on, off = _tp_overlap_case(True, tp=16, nodes=2), _tp_overlap_case(False, tp=16, nodes=2)
+    compute = simulate(on, free_communication=True).step_time_s
+    comm = simulate(off).step_time_s - compute
+    assert comm > 0.5 * compute
+    step = simulate(on).step_time_s
+    assert max(compute, comm * (1 - 1 / 16)) <= step < compute + comm

@@ -51,6 +51,8 @@ def test_dp_is_derived():
     ({"parallelism": {"pp": 2, "virtual_stages": 2}}, "parallelism.virtual_stages", "needs schedule: interleaved"),
     ({"parallelism": {"zero": 2, "zero3_impl": "deepspeed-0.3"}}, "parallelism.zero3_impl", "expected zero: 3"),
     ({"training": {"precision": "fp8", "kernel_arch": "ampere"}}, "training.kernel_arch", "expected native"),
+    ({"parallelism": {"sequence_parallel": False, "tp_comm_overlap": True}}, "parallelism.tp_comm_overlap",
+     "expected sequence_parallel: true"),
     ({"training": {"seq_len": 4097}, "parallelism": {"cp": 2, "pp": 1}}, "parallelism.cp", "does not divide seq_len"),
     ({"model": "gpt-1.7b", "training": {"seq_len": 4096}}, "training.seq_len", "exceeds the 2048 learned positions"),
 ])

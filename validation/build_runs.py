@@ -164,6 +164,8 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if modern and tp > 1 and sp in ("", "not stated"):
         notes.append("sequence parallelism not stated: on assumed (Megatron-Core / NeMo practice with TP)")
     par["recompute"] = recompute(row, notes)
+    if "tp comm overlap on" in row["notes"].lower() and tp > 1 and par["sequence_parallel"]:
+        par["tp_comm_overlap"] = True            # the recipe's ub_tp_comm_overlap, as the row's notes cite it
     v = integer(row["vpp"])
     pinned = None
     if row["vpp"].startswith("interleaved") and src.startswith("S06") and pp > 1:
