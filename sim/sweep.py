@@ -161,7 +161,8 @@ def build_sweep(path: str, overrides: Sequence[str], grid_specs: Sequence[str], 
             context = _variant_context(evaluator, variant)
             points += [{**variant, **p} for p in auto_points(**context, fixed=fixed)]
         input_keys = [k for k in grid if k not in AUTO_KEYS] + list(AUTO_KEYS)
-        input_keys += [k for p in points[:1] for k in p if k not in input_keys]
+        for p in points:   # keys that only some points carry (pins, resets of the base's settings)
+            input_keys += [k for k in p if k not in input_keys]
     else:
         points = grid_points(grid)
         input_keys = list(grid)
@@ -351,7 +352,7 @@ def _plan_label(r: dict[str, str]) -> str:
         sched += f" v{r['virtual_stages']}"
     sp = " SP" if r.get("sequence_parallel") == "True" else ""
     # swept keys that the layout does not show (the swept columns are the dotted ones), e.g. finetune.rank=16
-    extra = "".join(f" {k}={v}" for k, v in r.items() if "." in k and k not in AUTO_KEYS)
+    extra = "".join(f" {k}={v}" for k, v in r.items() if "." in k and k not in AUTO_KEYS and v != "")
     return (f"TP{r.get('tp')} PP{r.get('pp')} CP{r.get('cp')} DP{r.get('dp')} ZeRO-{r.get('zero')}{sp} "
             f"{r.get('recompute')} {sched} mbs {r.get('micro_batch_size')}{extra}")
 

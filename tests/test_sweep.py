@@ -304,3 +304,20 @@ def test_auto_70b_on_64_h100_enumerates_hundreds_of_launchable_plans():
     assert len(sweep.plans) >= 200
     pps = {p["parallelism.pp"] for p in sweep.plans.values()}
     assert pps == {1, 2, 4, 8, 16}                  # divisors of 64 / tp that divide 80 (not 32, 64)
+
+
+def test_auto_sweep_of_an_overlapped_base_drops_the_overlap_without_sequence_parallelism(tmp_path):
+    # TP-comm overlap needs sequence parallelism: points without it must not inherit the base's overlap
+    path = scenario_file(tmp_path, LLAMA8B_16.replace("sequence_parallel: true", "sequence_parallel: true, "
+                                                                                  "tp_comm_overlap: true"))
+    grid = ["parallelism.tp=8", "parallelism.sequence_parallel=true,false", "parallelism.pp=1", "parallelism.cp=1",
+            "parallelism.zero=1", "parallelism.recompute=none", "training.micro_batch_size=1"]
+    s = build_sweep(str(path), [], grid, auto=True)
+    no_sp = [p for p in s.plans.values() if not p["parallelism.sequence_parallel"]]
+    assert no_sp and all(p.get("parallelism.tp_comm_overlap") is False for p in no_sp)
+    assert all("parallelism.tp_comm_overlap" not in p for p in s.plans.values() if p["parallelism.sequence_parallel"])
+    # the key only some points carry is a column of the CSV (it was not: the writer raised)
+    out = tmp_path / "out.csv"
+    assert sweep(path, out, "--auto", *[a for g in grid for a in ("--grid", g)]) == 0
+    header, rows = read(out)
+    assert "parallelism.tp_comm_overlap" in header and len(rows) == 2 and all(r["status"] == "ok" for r in rows)
