@@ -6,7 +6,8 @@ means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). V
 precedence: ``gemm`` for 16-bit GEMMs, ``gemm_fp8`` for fp8 GEMMs. Link efficiencies are per link kind.
 A scenario's ``training.kernel_arch: ampere`` runs a Hopper GPU at Ampere's efficiencies of the share
 of its tensor peak that Ampere-built kernels can use; ``frameworks`` holds rates a framework's own
-implementation sets (DeepSpeed 0.3's ZeRO-3 gathers).
+implementation sets (DeepSpeed 0.3's ZeRO-3 gathers); ``overlap_slowdown`` how much longer kernels take
+beside a collective in flight.
 """
 from __future__ import annotations
 
@@ -119,3 +120,9 @@ def link_efficiency(kind: str) -> float:
 def framework_rate(name: str, key: str) -> float:
     """A rate (bytes/s) a framework's implementation sets (``frameworks`` in efficiency.yaml)."""
     return parse_quantity(_table()["frameworks"][name][key], "bytes/s")
+
+
+def overlap_slowdown(transport: str) -> float:
+    """Fraction by which kernels take longer while a collective of ``transport`` (nccl, userbuffers)
+    is in flight on their GPU (``overlap_slowdown`` in efficiency.yaml)."""
+    return float(_table()["overlap_slowdown"][transport])

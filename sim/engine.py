@@ -3,9 +3,12 @@
 Each simulated device runs its stage's :class:`~sim.workload.Program`. Every stream (compute, tp,
 cp, dp, pp) is a SimPy process that takes its ops in program order, as a CUDA stream does; an op
 starts when its dependencies (other ops of the device) and, for the first layer of a pipeline
-pass, the data from the neighbouring stage have arrived. Compute ops take their roofline time;
-collectives become flows on the cluster graph (:mod:`sim.collectives`) that share link bandwidth
-(:mod:`sim.network`). The pipeline bubble, overlap and contention come out of this replay.
+pass, the data from the neighbouring stage have arrived. Compute ops take their roofline time,
+longer while collectives are in flight on their GPU (each takes SMs and DRAM bandwidth: kernels run
+at 1 / (1 + the summed ``overlap_slowdown`` of efficiency.yaml) of their rate meanwhile; the breakdown
+reports that time apart); collectives become flows on the cluster graph (:mod:`sim.collectives`)
+that share link bandwidth (:mod:`sim.network`). The pipeline bubble, overlap and contention come
+out of this replay.
 
 Copies between a GPU and its host (offload, paged optimizers) are flows on the PCIe route from the
 GPU to its nearest CPU; the CPU optimizer step is an op of fixed duration on the device's ``cpu``
@@ -26,7 +29,7 @@ import simpy
 
 from sim.collectives import plan_collective
 from sim.compute import compute_dtype, kernels_time_s, memory_bound_time_s
-from sim.efficiency import gpu_efficiency, link_efficiency
+from sim.efficiency import gpu_efficiency, link_efficiency, overlap_slowdown
 from sim.network import Network
 from sim.offload import D2H, HOST_GROUP, host_copy_plan
 from sim.scenario import Scenario
@@ -60,6 +63,7 @@ class DeviceRun:
     peak_breakdown: dict[str, float] = field(default_factory=dict)
     breakdown_s: dict[str, float] = field(default_factory=dict)
     memory_bound_s: float = 0.0      # compute-stream kernels bound by DRAM traffic (optimizer excluded)
+    slowed_s: dict[int, float] = field(default_factory=dict)   # op index -> time added by collectives beside it
     cpu_optimizer_s: float = 0.0     # the part of breakdown_s["optimizer"] that the CPU runs (offload)
 
 
@@ -98,6 +102,8 @@ class Engine:
         self.programs: list[Program] = lower(scenario.model, self.plan, scenario.memory, gpu,
                                              host=self.cluster.recipe.host,
                                              ranks_on_host=min(self.plan.gpus, self.cluster.gpus_per_node))
+        # how much longer kernels take beside a collective in flight on their GPU, per transport
+        self.slowdown = {} if free_communication else {t: overlap_slowdown(t) for t in ("nccl", "userbuffers")}
         self._durations: dict[int, float] = {}
         self._memory_bound: dict[int, float] = {}
         self._groups: dict[tuple, tuple[str, ...]] = {}
@@ -354,6 +360,8 @@ class Engine:
             for op in prog.ops:
                 by_stream[op.stream].append(op)
             dev_id = (d, c, t)
+            # the collectives in flight on this GPU: their summed slowdown, and an event fired when it changes
+            beside = {"slowdown": 0.0, "changed": env.event()}
 
             def change(items, sign, mem=mem, state=state, run=run):
                 for cat, nbytes in items:
@@ -364,7 +372,30 @@ class Engine:
                     state["peak"] = total
                     state["peak_breakdown"] = dict(mem)
 
-            def stream(ops, coord=coord, done=done, run=run, dev_id=dev_id, change=change):
+            def comm_in_flight(delta, beside=beside):
+                beside["slowdown"] += delta
+                if abs(beside["slowdown"]) < 1e-12:
+                    beside["slowdown"] = 0.0
+                changed, beside["changed"] = beside["changed"], env.event()
+                changed.succeed()
+
+            def run_kernels(op, beside=beside, run=run):
+                """Run ``op``'s kernels: at full rate alone, 1 / (1 + slowdown) of it beside collectives."""
+                work = self.duration(op)
+                start = env.now
+                while True:
+                    rate = 1.0 / (1.0 + beside["slowdown"])
+                    t0, changed = env.now, beside["changed"]
+                    finish = env.timeout(work / rate)
+                    yield finish | changed
+                    if finish.processed:
+                        break
+                    work -= (env.now - t0) * rate
+                if env.now - start > self.duration(op) * (1 + 1e-12):
+                    run.slowed_s[op.index] = env.now - start - self.duration(op)
+
+            def stream(ops, coord=coord, done=done, run=run, dev_id=dev_id, change=change,
+                       run_kernels=run_kernels, comm_in_flight=comm_in_flight):
                 for op in ops:
                     # only the events not yet processed: waiting on done ones costs SimPy events for nothing
                     waits = [ev for ev in (done[i] for i in op.deps) if ev is not None and not ev.processed]
@@ -379,8 +410,16 @@ class Engine:
                     start = env.now
                     if op.alloc:
                         change(op.alloc, +1)
+                    col = op.collective
+                    slowdown = self.slowdown.get(col.transport, 0.0) if col is not None and col.group != HOST_GROUP \
+                        else 0.0
+                    if slowdown:
+                        comm_in_flight(+slowdown)
                     if op.kernels:
-                        yield env.timeout(self.duration(op))
+                        if self.slowdown:
+                            yield from run_kernels(op)
+                        else:
+                            yield env.timeout(self.duration(op))
                     elif op.duration_s is not None:
                         yield env.timeout(op.duration_s)
                     elif op.collective is not None and op.collective.group == "pp":
@@ -402,6 +441,8 @@ class Engine:
                                     ev.succeed()
                                 env.process(launch())
                             yield rv[1]
+                    if slowdown:
+                        comm_in_flight(-slowdown)
                     if op.free:
                         change(op.free, -1)
                     run.spans.append(Span(op.stream, op.name, op.phase, start, env.now))
@@ -413,7 +454,9 @@ class Engine:
             states.append(state)
 
         env.run()
-        step = env.now
+        # the end of the last op (not env.now: a kernel run that a collective slowed leaves its first,
+        # unslowed finish time behind in the event queue)
+        step = max((x.end_s for run in runs for x in run.spans), default=0.0)
         for run, state in zip(runs, states):
             run.peak_bytes = state["peak"]
             run.peak_breakdown = state["peak_breakdown"]
@@ -434,7 +477,7 @@ class Engine:
         spans = {s.name: s for s in run.spans}
         for op in prog.ops:
             ends[op.index] = spans[op.name].end_s
-        out = dict.fromkeys(("compute", "exposed_comm", "bubble", "optimizer", "other"), 0.0)
+        out = dict.fromkeys(("compute", "overlap_slowdown", "exposed_comm", "bubble", "optimizer", "other"), 0.0)
         prev_end = 0.0
         d, p, c, t = run.coord
         for op in prog.ops:
@@ -455,7 +498,9 @@ class Engine:
                     last = max(op.deps, key=lambda i: ends[i]) if op.deps else None
                     kind = prog.ops[last].stream if last is not None else "compute"
                     out["optimizer" if kind == "cpu" else "exposed_comm" if kind != "compute" else "other"] += gap
-            out["optimizer" if op.phase == "optimizer" else "compute"] += span.end_s - span.start_s
+            slowed = run.slowed_s.get(op.index, 0.0)
+            out["optimizer" if op.phase == "optimizer" else "compute"] += span.end_s - span.start_s - slowed
+            out["overlap_slowdown"] += slowed
             prev_end = span.end_s
         last_activity = max((s.end_s for s in run.spans), default=0.0)
         # after the last GPU kernel: the CPU optimizer step (offload) and copies / collectives

@@ -26,7 +26,7 @@ PNG_DPI = 120
 # The parts of the engine's step-time breakdown (Analysis.time_breakdown_s), in its order; a record
 # carries them as time_<part>_s.
 BREAKDOWN_PARTS = TIME_PARTS
-BREAKDOWN_COLORS = {"compute": "#4C72B0", "exposed_comm": "#C44E52", "bubble": "#CCB974", "optimizer": "#55A868",
+BREAKDOWN_COLORS = {"compute": "#4C72B0", "overlap_slowdown": "#8172B3", "exposed_comm": "#C44E52", "bubble": "#CCB974", "optimizer": "#55A868",
                     "other": "#8C8C8C"}
 
 

@@ -88,8 +88,9 @@ RULE_TFLOPS_PER_A100 = 115e12
 A100_16BIT_PEAK_FLOPS_PER_S = 312e12   # [S5a, S3]
 RULE_FRACTION_OF_PEAK = RULE_TFLOPS_PER_A100 / A100_16BIT_PEAK_FLOPS_PER_S
 
-LOSSES = ("bubble", "exposed_comm", "memory_bound", "optimizer")
+LOSSES = ("bubble", "exposed_comm", "overlap_slowdown", "memory_bound", "optimizer")
 LOSS_NAMES = {"bubble": "pipeline bubble", "exposed_comm": "exposed communication",
+              "overlap_slowdown": "kernels slowed by the communication beside them",
               "memory_bound": "memory-bound ops", "optimizer": "optimizer step",
               "precision": "compute precision", "compute": "kernels below peak"}
 
@@ -143,7 +144,8 @@ def busy_fraction(a: Analysis) -> float:
     optimizer step run by the CPU (offload) leaves the GPU idle."""
     assert a.step is not None
     step = a.step.step_time_s
-    fractions = [(d.breakdown_s["compute"] + d.breakdown_s["optimizer"] - d.cpu_optimizer_s) / step
+    fractions = [(d.breakdown_s["compute"] + d.breakdown_s["overlap_slowdown"] + d.breakdown_s["optimizer"]
+                  - d.cpu_optimizer_s) / step
                  for d in a.step.devices]
     return sum(fractions) / len(fractions)
 
@@ -276,7 +278,8 @@ def misconfiguration(a: Analysis) -> Flag | None:
     achieved = a.flops.hardware_flop / (a.step.step_time_s * s.plan.gpus)
     parts = a.time_breakdown_s
     memory_bound = a.step.devices[0].memory_bound_s     # the engine's DRAM-bound kernel time on stage 0
-    losses = {"bubble": parts["bubble"], "exposed_comm": parts["exposed_comm"], "memory_bound": memory_bound,
+    losses = {"bubble": parts["bubble"], "exposed_comm": parts["exposed_comm"],
+              "overlap_slowdown": parts["overlap_slowdown"], "memory_bound": memory_bound,
               "optimizer": parts["optimizer"]}
     flagged = achieved < threshold
     cause = None

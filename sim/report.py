@@ -22,7 +22,7 @@ from sim.units import GB, GiB
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
 # CSV columns that every row carries, empty when their part was not computed (one header for a sweep)
 TIMING_COLUMNS = ("step_time_s", "tokens_per_s", "mfu", "hfu", "tflops_per_gpu")     # Analysis.timing()
-TIME_PARTS = ("compute", "exposed_comm", "bubble", "optimizer", "other")              # the engine's breakdown
+TIME_PARTS = ("compute", "overlap_slowdown", "exposed_comm", "bubble", "optimizer", "other")              # the engine's breakdown
 RUN_COLUMNS = ("tokens", "tokens_rule", "steps", "time_to_train_s", "time_to_train_days",
                "rule_6pd_time_to_train_days", "nodes", "gpu_hours",
                "price_per_gpu_hour_usd", "cost_usd", "gpu_busy_fraction", "gpu_power_w", "node_host_power_w", "pue",

@@ -44,8 +44,8 @@ ZeRO-3 weight gathers, pipeline sends, GPU <-> CPU copies, and work on the host 
 # ring exchanges beside those GEMMs' chunks (the first chunk is the rank's own shard), the backward's
 # collectives bulk overlaps beside the dgrad / wgrad GEMMs, and the forward's reduce-scatters after
 # the output projection and the second MLP GEMM "pipeline" overlaps in num_splits = 4 chunks, whose
-# last chunk's reduce-scatter can only start when the GEMM ends. Not modelled: the SMs those
-# reduce-scatters take from their GEMMs (num_sm 24 and 8 of an H100's 132 in the same files)
+# last chunk's reduce-scatter can only start when the GEMM ends. The SMs the userbuffers kernels take
+# from the GEMMs beside them: efficiency.yaml overlap_slowdown
 TP_OVERLAP_SPLITS = 4
 
 # Megatron-LM DDP: bucket_size = max(40,000,000, 1,000,000 x dp) parameters
@@ -63,6 +63,7 @@ class Collective:
     size_bytes: float
     count: int = 1            # back-to-back repetitions merged into this op
     floor_s: float = 0.0      # least time per repetition when the framework, not the network, is the limit
+    transport: str = "nccl"   # what moves it: nccl, or userbuffers (TP-comm overlap); host copies use copy engines
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +204,13 @@ class _Lowering:
         beside = None
         for c in self.tp_comm:
             share = 1.0 - tail if c.kind == "reduce_scatter" else 1.0
-            col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers)
+            col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers, transport="userbuffers")
             deps = start.deps if beside is None else (beside,)
             beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col,
                               wait=start.wait if deps is start.deps else None)
         rs = self.tp_comm[-1]
-        col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers) if tail else None
+        col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers, transport="userbuffers") \
+            if tail else None
         return prog.add("tp", f"{name}.tp_tail", "comm", (dep, beside), collective=col)
 
     def gather(self, prog: Program, name: str, dep) -> int | None:
