@@ -126,3 +126,16 @@ def overlap_slowdown(transport: str) -> float:
     """Fraction by which kernels take longer while a collective of ``transport`` (nccl, userbuffers)
     is in flight on their GPU (``overlap_slowdown`` in efficiency.yaml)."""
     return float(_table()["overlap_slowdown"][transport])
+
+
+def sourced_constants() -> list[tuple[str, str, str]]:
+    """(section, key, value) of every constant in efficiency.yaml, as written there (each with its
+    source in a comment beside it), for reports."""
+    out = []
+    for section, entries in _table().items():
+        for name, value in entries.items():
+            if isinstance(value, dict):
+                out += [(f"{section}.{name}", key, str(v)) for key, v in value.items()]
+            else:
+                out.append((section, name, str(value)))
+    return out

@@ -210,7 +210,7 @@ def write_reports(results: list[RowResult], out_dir: Path, threshold: float, *, 
 def _fit_lines(results: list[RowResult]) -> list[str]:
     """The fitted efficiencies in use and the error on the rows they were fitted on and on the others."""
     from sim.calibrate import is_training
-    from sim.efficiency import calibrated
+    from sim.efficiency import calibrated, sourced_constants
 
     params = calibrated()
     if not params:
@@ -229,6 +229,11 @@ def _fit_lines(results: list[RowResult]) -> list[str]:
     if fitted and held:
         lines += ["", f"- median absolute error on the fitted rows: {statistics.median(fitted):.1%} "
                       f"({len(fitted)} rows); on the held-out rows: {statistics.median(held):.1%} ({len(held)} rows)"]
+    lines += ["", "## Sourced constants (not fitted)", "",
+              "Every other constant of the cost model, as topologies/catalog/efficiency.yaml holds it with its source "
+              "beside it (`measured`: the GPU's own measurement in gpus.yaml; fitted values above replace the "
+              "architecture's gemm / attention).", "", "| section | key | value |", "|---|---|---|"]
+    lines += [f"| {section} | {key} | {value} |" for section, key, value in sourced_constants()]
     return lines
 
 

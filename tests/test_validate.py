@@ -34,6 +34,12 @@ def test_validate_fast_subset(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "validation.md").is_file() and (tmp_path / "validation.png").is_file()
     report = (tmp_path / "validation.md").read_text()
     assert "## Fitted parameters" in report and "assumed where the source is silent" in report
+    # the constants the fit leaves alone are stated too: one row each, e.g. the slowdown beside NCCL
+    import yaml
+    table = yaml.safe_load((ROOT / "topologies" / "catalog" / "efficiency.yaml").read_text())
+    assert "## Sourced constants (not fitted)" in report
+    assert f"| overlap_slowdown | nccl | {table['overlap_slowdown']['nccl']} |" in report
+    assert f"| links | infiniband | {table['links']['infiniband']} |" in report
     rows = list(csv.DictReader((tmp_path / "validation.csv").open()))
     assert len(rows) >= 15 and not any(r["error"] for r in rows)
     errors = [abs(float(r["rel_error"])) for r in rows]

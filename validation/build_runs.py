@@ -31,6 +31,21 @@ LLAMA = dict(ffn_kind="swiglu", norm="rmsnorm", position="rope", bias=False, dro
 NEMOTRON = dict(ffn_kind="gelu", norm="layernorm", position="rope", bias=False, dropout=False, tied_embeddings=False)
 BLOOM = dict(ffn_kind="gelu", norm="layernorm", position="alibi", bias=True, dropout=False, tied_embeddings=True)
 
+# NeMo 24.07 performance summary (S09): its table prints TP / PP / CP / VP only for pre-training; the
+# NeMo-Framework-Launcher recipes of that release set the rest (TP-communication overlap; the
+# interleaving of the fine-tuning runs, whose table rows give TP and PP only). Rows not listed keep
+# the defaults: the GPT-3 20B and 175B recipes found do not match the table's layout (TP, VP).
+NEMO_2407_RECIPES = {
+    "LLAMA2-70B": ({"tp_comm_overlap": True}, "conf/training/llama/llama2_70b.yaml@4a9b61bc"),
+    "Nemotron-8B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_8b.yaml@089b90e6"),
+    "Nemotron-22B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_22b.yaml@3dd35614"),
+    "Nemotron-340B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_340b.yaml@3be81fc1"),
+    "LLAMA3-70B": ({"tp_comm_overlap": True}, "conf/training/llama/llama3_70b.yaml@3dd35614"),
+    "LLAMA2-13B SFT": ({"virtual_stages": 10}, "examples/peft/llama/h100/13b_1node.sh@7d6e2df9"),
+    "LLAMA2-70B SFT": ({"virtual_stages": 20, "tp_comm_overlap": True}, "examples/peft/llama/h100/70b_2node.sh@1ee3eb3e"),
+    "LLAMA2-70B LoRA": ({"tp_comm_overlap": True}, "examples/peft/llama/h100/70b_1node_lora.sh@329df4af"),
+}
+
 
 def family(row: dict) -> dict:
     name = row["model"].lower()
@@ -166,7 +181,15 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     par["recompute"] = recompute(row, notes)
     if "tp comm overlap on" in row["notes"].lower() and tp > 1 and par["sequence_parallel"]:
         par["tp_comm_overlap"] = True            # the recipe's ub_tp_comm_overlap, as the row's notes cite it
+    recipe, recipe_file = NEMO_2407_RECIPES.get(row["model"], ({}, "")) if src.startswith("S09_nemo_24") \
+        else ({}, "")
+    if recipe.get("tp_comm_overlap") and tp > 1 and par["sequence_parallel"]:
+        par["tp_comm_overlap"] = True
+        notes.append(f"TP-comm overlap not stated: on, as the NeMo-Framework-Launcher recipe sets it ({recipe_file})")
     v = integer(row["vpp"])
+    if recipe.get("virtual_stages") and not v:
+        v = recipe["virtual_stages"]
+        notes.append(f"interleaving not stated: V = {v}, as the NeMo-Framework-Launcher script sets it ({recipe_file})")
     pinned = None
     if row["vpp"].startswith("interleaved") and src.startswith("S06") and pp > 1:
         # Llama 3 §3.3.2: one layer taken from the first and the last stage leaves "the first model chunk
