@@ -6,7 +6,8 @@ starts when its dependencies (other ops of the device) and, for the first layer 
 pass, the data from the neighbouring stage have arrived. Compute ops take their roofline time,
 longer while collectives are in flight on their GPU (each takes SMs and DRAM bandwidth: kernels run
 at 1 / (1 + the summed ``overlap_slowdown`` of efficiency.yaml) of their rate meanwhile; the breakdown
-reports that time apart); collectives become flows on the cluster graph (:mod:`sim.collectives`)
+reports that time apart; a collective counts from the moment its GPU reaches it, as NCCL's
+kernels spin on their SMs while peers arrive, and concurrent collectives' slowdowns add up); collectives become flows on the cluster graph (:mod:`sim.collectives`)
 that share link bandwidth (:mod:`sim.network`). The pipeline bubble, overlap and contention come
 out of this replay.
 
@@ -390,7 +391,7 @@ class Engine:
                     yield finish | changed
                     if finish.processed:
                         break
-                    work -= (env.now - t0) * rate
+                    work = max(0.0, work - (env.now - t0) * rate)
                 if env.now - start > self.duration(op) * (1 + 1e-12):
                     run.slowed_s[op.index] = env.now - start - self.duration(op)
 

@@ -46,7 +46,8 @@ hardware FLOPs, the HFU numerator. A100's dense 16-bit peak is 312 TFLOP/s, so t
 36.9% of a GPU's dense 16-bit (bf16, else fp16) peak; the rule was stated for mixed-precision 16-bit
 training, so fp8 plans are held to the same 16-bit bar (lenient) and an fp32 plan whose own peak is
 below the bar is flagged for its precision. A flagged plan names its biggest loss on stage 0's
-device: pipeline bubble, exposed communication, memory-bound ops or optimizer step.
+device: pipeline bubble, exposed communication, kernels slowed by the communication beside them,
+memory-bound ops or optimizer step.
 
 "Memory-bound ops" are the kernels of stage 0's compute stream (optimizer excluded) whose roofline
 time is set by DRAM traffic, not math (:func:`sim.compute.memory_bound_time_s`): norms, rotary,
@@ -244,7 +245,7 @@ class Flag:
     hardware_flops_per_gpu_per_s: float    # achieved: hardware FLOPs (recomputation included) / (step x GPUs)
     threshold_flops_per_s: float           # 115/312 of the GPU's dense 16-bit peak
     compute_peak_flops_per_s: float        # dense peak of the plan's compute dtype
-    losses_s: dict[str, float]             # bubble, exposed_comm, memory_bound, optimizer on stage 0's device
+    losses_s: dict[str, float]             # bubble, exposed_comm, overlap_slowdown, memory_bound, optimizer (stage 0)
     biggest_loss: str | None               # the cause named when flagged (None otherwise)
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,7 +265,7 @@ class Flag:
             t = self.losses_s[self.biggest_loss]
             return (f"{head}; biggest loss: {LOSS_NAMES[self.biggest_loss]} {t:.4g} s "
                     f"({t / step_time_s:.0%} of the step)")
-        return f"{head}; no bubble, exposed communication or memory-bound time: the kernels run below peak"
+        return f"{head}; no bubble, communication or memory-bound time: the kernels run below peak"
 
 
 def misconfiguration(a: Analysis) -> Flag | None:
