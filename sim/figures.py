@@ -187,8 +187,13 @@ def breakdown_bars(labels: Sequence[str], breakdowns: Sequence[Mapping[str, floa
 
 
 def record_breakdown(record: Mapping[str, Any]) -> dict[str, float] | None:
-    """The ``time_<part>_s`` values of a record, or None when the plan was not simulated."""
+    """The ``time_<part>_s`` values of a record, or None when the plan was not simulated. A CSV
+    written before a part existed (``overlap_slowdown``) has none of it: 0."""
     values = {p: _num(record, f"time_{p}_s") for p in BREAKDOWN_PARTS}
+    if values["compute"] is None:
+        return None
+    if "time_overlap_slowdown_s" not in record:
+        values["overlap_slowdown"] = 0.0
     if any(v is None for v in values.values()):
         return None
     return values   # type: ignore[return-value]

@@ -137,3 +137,14 @@ def test_plan_summary():
                          "schedule": "interleaved", "virtual_stages": 2, "micro_batch_size": 1}) == \
         "TP8 PP2 CP1 DP4 Z1 rc-selective interleavedx2 mbs1"
     assert plan_summary({"tp": 1, "recompute": "none", "schedule": "1f1b"}) == "TP1"
+
+
+def test_breakdown_of_a_csv_row_written_before_the_overlap_slowdown_part():
+    # sweep CSVs from before the part existed have no time_overlap_slowdown_s column: 0, not "n/a"
+    from sim.figures import record_breakdown
+    old = {"time_compute_s": 1.0, "time_exposed_comm_s": 0.2, "time_bubble_s": 0.1,
+           "time_optimizer_s": 0.05, "time_other_s": 0.0}
+    parts = record_breakdown(old)
+    assert parts is not None and parts["overlap_slowdown"] == 0.0 and parts["compute"] == 1.0
+    assert record_breakdown({**old, "time_overlap_slowdown_s": None}) is None   # present but empty: not simulated
+    assert record_breakdown({k: None for k in old}) is None
