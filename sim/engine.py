@@ -4,12 +4,12 @@ Each simulated device runs its stage's :class:`~sim.workload.Program`. Every str
 cp, dp, pp) is a SimPy process that takes its ops in program order, as a CUDA stream does; an op
 starts when its dependencies (other ops of the device) and, for the first layer of a pipeline
 pass, the data from the neighbouring stage have arrived. Compute ops take their roofline time,
-longer while collectives are in flight on their GPU (each takes SMs and DRAM bandwidth: kernels run
-at 1 / (1 + the summed ``overlap_slowdown`` of efficiency.yaml) of their rate meanwhile; the breakdown
-reports that time apart; a collective counts from the moment its GPU reaches it, as NCCL's
-kernels spin on their SMs while peers arrive, and concurrent collectives' slowdowns add up); collectives become flows on the cluster graph (:mod:`sim.collectives`)
-that share link bandwidth (:mod:`sim.network`). The pipeline bubble, overlap and contention come
-out of this replay.
+longer while collectives are in flight on their GPU: each takes SMs and DRAM bandwidth, so kernels
+run at 1 / (1 + the summed ``overlap_slowdown`` of efficiency.yaml) of their rate meanwhile (a
+collective counts from the moment its GPU reaches it, as NCCL's kernels spin on their SMs while
+peers arrive; the breakdown reports that time apart). Collectives become flows on the cluster graph
+(:mod:`sim.collectives`) that share link bandwidth (:mod:`sim.network`). The pipeline bubble,
+overlap and contention come out of this replay.
 
 Copies between a GPU and its host (offload, paged optimizers) are flows on the PCIe route from the
 GPU to its nearest CPU; the CPU optimizer step is an op of fixed duration on the device's ``cpu``
@@ -382,7 +382,7 @@ class Engine:
 
             def run_kernels(op, beside=beside, run=run):
                 """Run ``op``'s kernels: at full rate alone, 1 / (1 + slowdown) of it beside collectives."""
-                work = self.duration(op)
+                base = work = self.duration(op)
                 start = env.now
                 while True:
                     rate = 1.0 / (1.0 + beside["slowdown"])
@@ -392,8 +392,8 @@ class Engine:
                     if finish.processed:
                         break
                     work = max(0.0, work - (env.now - t0) * rate)
-                if env.now - start > self.duration(op) * (1 + 1e-12):
-                    run.slowed_s[op.index] = env.now - start - self.duration(op)
+                if env.now - start > base * (1 + 1e-12):
+                    run.slowed_s[op.index] = env.now - start - base
 
             def stream(ops, coord=coord, done=done, run=run, dev_id=dev_id, change=change,
                        run_kernels=run_kernels, comm_in_flight=comm_in_flight):

@@ -201,13 +201,12 @@ class _Lowering:
         start = prog.ops[dep if first is None else first]
         forward = start.phase != "backward"
         tail = 1.0 / TP_OVERLAP_SPLITS if forward else 0.0
-        beside = None
+        deps, wait = start.deps, start.wait          # the first collective starts with the pass
         for c in self.tp_comm:
             share = 1.0 - tail if c.kind == "reduce_scatter" else 1.0
             col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers, transport="userbuffers")
-            deps = start.deps if beside is None else (beside,)
-            beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col,
-                              wait=start.wait if deps is start.deps else None)
+            beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col, wait=wait)
+            deps, wait = (beside,), None
         rs = self.tp_comm[-1]
         col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers, transport="userbuffers") \
             if tail else None
@@ -280,12 +279,12 @@ class _Lowering:
         start = dep
         for i in range(layers if per_layer else 1):
             lname = f"{name}.L{layers - 1 - i}" if per_layer else name     # the last layer first
+            rname = lname.replace("B.", "R.", 1)                             # its recomputation
             # recomputation rebuilds one layer at a time, even when n layers share an op
             alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
             if regather:
                 # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights, one
                 # module prefetched as in the forward pass; the backward then gathers them again
-                rname = lname.replace("B.", "R.", 1)
                 if ahead is None:   # the first layer: nothing ran before it to prefetch behind
                     ahead = self.gather(prog, rname, start)
                 dep = self.forward(prog, rname, "recompute", dep, n, wait=wait, alloc=alloc, after=ahead)
@@ -296,11 +295,10 @@ class _Lowering:
                 gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
             if plan.recompute == "full" and not regather:
                 # n = 1 under ZeRO-3: the weights gathered for the backward serve the recomputation
-                dep = self.forward(prog, lname.replace("B.", "R.", 1), "recompute", dep, n, wait=wait, alloc=alloc,
-                                   after=gathered)
+                dep = self.forward(prog, rname, "recompute", dep, n, wait=wait, alloc=alloc, after=gathered)
                 wait, alloc = None, ()
             elif plan.recompute != "full" and k.recompute():
-                dep = prog.add("compute", lname.replace("B.", "R.", 1), "recompute", (dep, gathered),
+                dep = prog.add("compute", rname, "recompute", (dep, gathered),
                                kernels=self.repeated(k.recompute(), n), wait=wait, alloc=alloc)
                 wait, alloc = None, ()
             free = (("activations", self.layer_act * n + self.recompute_ws),)

@@ -179,13 +179,15 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if modern and tp > 1 and sp in ("", "not stated"):
         notes.append("sequence parallelism not stated: on assumed (Megatron-Core / NeMo practice with TP)")
     par["recompute"] = recompute(row, notes)
-    if "tp comm overlap on" in row["notes"].lower() and tp > 1 and par["sequence_parallel"]:
-        par["tp_comm_overlap"] = True            # the recipe's ub_tp_comm_overlap, as the row's notes cite it
     recipe, recipe_file = NEMO_2407_RECIPES.get(row["model"], ({}, "")) if src.startswith("S09_nemo_24") \
         else ({}, "")
-    if recipe.get("tp_comm_overlap") and tp > 1 and par["sequence_parallel"]:
+    # the recipe's ub_tp_comm_overlap: cited in the row's notes (S14) or from the recipe file (S09)
+    cited = "tp comm overlap on" in row["notes"].lower()
+    if (cited or recipe.get("tp_comm_overlap")) and tp > 1 and par["sequence_parallel"]:
         par["tp_comm_overlap"] = True
-        notes.append(f"TP-comm overlap not stated: on, as the NeMo-Framework-Launcher recipe sets it ({recipe_file})")
+        if not cited:
+            notes.append(f"TP-comm overlap not stated: on, as the NeMo-Framework-Launcher recipe sets it "
+                         f"({recipe_file})")
     v = integer(row["vpp"])
     if recipe.get("virtual_stages") and not v:
         v = recipe["virtual_stages"]
