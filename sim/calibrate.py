@@ -45,14 +45,15 @@ def _parameter(row: dict, validation_dir: Path) -> tuple[str, str]:
     scenario = load_scenario(validation_dir / row["scenario"])
     gpu = scenario.cluster.gpu
     dtype = compute_dtype(scenario.plan.precision)
-    eff = gpu_efficiency(gpu, dtype, calibrated_values=False, kernel_arch=scenario.plan.kernel_arch)
-    kernels = LayerKernels(scenario.model, scenario.plan)
+    plan = scenario.plan
+    eff = gpu_efficiency(gpu, dtype, calibrated_values=False, kernel_arch=plan.kernel_arch,
+                         attention_kernel_arch=plan.attention_kernel_arch)
+    kernels = LayerKernels(scenario.model, plan)
     # Ampere-built kernels on a Hopper GPU run at Ampere's (fitted) efficiencies: their rows inform those
-    arch = "ampere" if scenario.plan.kernel_arch == "ampere" else gpu.arch
     attention = kernels_time_s(kernels.attention_core, gpu, eff, dtype)
     if attention > 0.5 * kernels_time_s(kernels.forward, gpu, eff, dtype):
-        return arch, "attention"
-    return arch, "gemm_fp8" if dtype == "fp8" else "gemm"
+        return ("ampere" if plan.attention_kernel_arch == "ampere" else gpu.arch), "attention"
+    return ("ampere" if plan.kernel_arch == "ampere" else gpu.arch), "gemm_fp8" if dtype == "fp8" else "gemm"
 
 
 def _measured_best(param: str, gpu_key: str) -> float:

@@ -4,8 +4,9 @@ A GPU's efficiencies come from its architecture's entry, falling back to ``defau
 means "the GPU's own third-party measurement divided by its peak" (gpus.yaml). Values fitted by
 ``simulate calibrate`` on published training runs (``topologies/catalog/calibrated.yaml``) take
 precedence: ``gemm`` for 16-bit GEMMs, ``gemm_fp8`` for fp8 GEMMs. Link efficiencies are per link kind.
-A scenario's ``training.kernel_arch: ampere`` runs a Hopper GPU at Ampere's efficiencies of the share
-of its tensor peak that Ampere-built kernels can use; ``frameworks`` holds rates a framework's own
+A scenario's ``training.kernel_arch: ampere`` runs a Hopper GPU's GEMMs at Ampere's efficiency of the
+share of its tensor peak that Ampere-built kernels can use, and ``attention_kernel_arch: ampere`` its
+attention at the share of Ampere's that FlashAttention-2 keeps on Hopper; ``frameworks`` holds rates a framework's own
 implementation sets (DeepSpeed 0.3's ZeRO-3 gathers); ``overlap_slowdown`` how much longer kernels take
 beside a collective in flight.
 """
@@ -76,11 +77,14 @@ def _measured_gemm(gpu: GPUSpec, dtype: str) -> float | None:
 
 
 def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
-                   kernel_arch: str = "native") -> GPUEfficiency:
+                   kernel_arch: str = "native", attention_kernel_arch: str | None = None) -> GPUEfficiency:
     """Efficiencies of ``gpu`` computing in ``dtype`` (``calibrated_values=False``: the sourced ones only).
 
-    ``kernel_arch="ampere"`` on a Hopper GPU: kernels built for Ampere (sm_80) reach Ampere's GEMM and
-    attention efficiencies of the share of Hopper's tensor peak that mma.sync can use (``mma_sync_share``).
+    ``kernel_arch="ampere"`` on a Hopper GPU: GEMMs built for Ampere (sm_80) reach Ampere's GEMM
+    efficiency of the share of Hopper's tensor peak that mma.sync can use (``mma_sync_share``); Ampere-built
+    attention kernels keep the share of Ampere's attention efficiency that FlashAttention-2 keeps on
+    Hopper (its sourced Hopper efficiency over its sourced Ampere one). ``attention_kernel_arch``
+    (default: ``kernel_arch``) sets the attention kernels' architecture apart.
     """
     entry = _arch_entry(gpu.arch)
     fitted = _fitted(gpu.arch) if calibrated_values else {}
@@ -96,13 +100,15 @@ def gpu_efficiency(gpu: GPUSpec, dtype: str, *, calibrated_values: bool = True,
         gemm = fitted[key]
     if "attention" in fitted:
         entry["attention"] = fitted["attention"]
-    if kernel_arch == "ampere" and gpu.arch == "hopper":
-        share = float(entry["mma_sync_share"])
+    if gpu.arch == "hopper" and "ampere" in (kernel_arch, attention_kernel_arch or kernel_arch):
         ampere = _arch_entry("ampere")
         ampere_fit = _fitted("ampere") if calibrated_values else {}
-        # uncalibrated: Ampere's GEMM fallback (an A100's MAMF share is not this GPU's measurement)
-        gemm = share * float(ampere_fit.get("gemm", ampere["gemm_fallback"]))
-        entry["attention"] = share * float(ampere_fit.get("attention", ampere["attention"]))
+        if kernel_arch == "ampere":
+            # uncalibrated: Ampere's GEMM fallback (an A100's MAMF share is not this GPU's measurement)
+            gemm = float(entry["mma_sync_share"]) * float(ampere_fit.get("gemm", ampere["gemm_fallback"]))
+        if (attention_kernel_arch or kernel_arch) == "ampere":
+            share = float(_arch_entry(gpu.arch)["attention"]) / float(ampere["attention"])
+            entry["attention"] = share * float(ampere_fit.get("attention", ampere["attention"]))
     memory = entry["memory"]
     if memory == "measured":
         measured = gpu.measured_memory_bandwidth_bytes_per_s

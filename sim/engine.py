@@ -99,7 +99,8 @@ class Engine:
         self.full = full
         gpu = self.cluster.gpu
         self.dtype = compute_dtype(self.plan.precision)
-        self.eff = gpu_efficiency(gpu, self.dtype, kernel_arch=self.plan.kernel_arch)
+        self.eff = gpu_efficiency(gpu, self.dtype, kernel_arch=self.plan.kernel_arch,
+                                  attention_kernel_arch=self.plan.attention_kernel_arch)
         self.programs: list[Program] = lower(scenario.model, self.plan, scenario.memory, gpu,
                                              host=self.cluster.recipe.host,
                                              ranks_on_host=min(self.plan.gpus, self.cluster.gpus_per_node))
@@ -361,8 +362,9 @@ class Engine:
             for op in prog.ops:
                 by_stream[op.stream].append(op)
             dev_id = (d, c, t)
-            # the collectives in flight on this GPU: their summed slowdown, and an event fired when it changes
-            beside = {"slowdown": 0.0, "changed": env.event()}
+            # the collectives in flight on this GPU: their summed slowdown, and the process running kernels
+            # (interrupted when the slowdown changes)
+            beside = {"slowdown": 0.0, "running": None}
 
             def change(items, sign, mem=mem, state=state, run=run):
                 for cat, nbytes in items:
@@ -377,21 +379,26 @@ class Engine:
                 beside["slowdown"] += delta
                 if abs(beside["slowdown"]) < 1e-12:
                     beside["slowdown"] = 0.0
-                changed, beside["changed"] = beside["changed"], env.event()
-                changed.succeed()
+                if beside["running"] is not None:      # the kernels in flight re-time their remaining work
+                    beside["running"].interrupt()
+                    beside["running"] = None
 
             def run_kernels(op, beside=beside, run=run):
-                """Run ``op``'s kernels: at full rate alone, 1 / (1 + slowdown) of it beside collectives."""
+                """Run ``op``'s kernels: at full rate alone, 1 / (1 + slowdown) of it beside collectives
+                (a change of the slowdown interrupts the wait; the abandoned timeout stays queued)."""
                 base = work = self.duration(op)
                 start = env.now
                 while True:
                     rate = 1.0 / (1.0 + beside["slowdown"])
-                    t0, changed = env.now, beside["changed"]
-                    finish = env.timeout(work / rate)
-                    yield finish | changed
-                    if finish.processed:
-                        break
-                    work = max(0.0, work - (env.now - t0) * rate)
+                    t0 = env.now
+                    beside["running"] = env.active_process
+                    try:
+                        yield env.timeout(work / rate)
+                    except simpy.Interrupt:
+                        work = max(0.0, work - (env.now - t0) * rate)
+                        continue
+                    beside["running"] = None
+                    break
                 if env.now - start > base * (1 + 1e-12):
                     run.slowed_s[op.index] = env.now - start - base
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sim.finetune import FULL, Finetune, adapter_params_per_layer
+from sim.finetune import FULL, Finetune, adapter_params_per_layer, linear_shapes
 from sim.model import ModelSpec
 
 Recompute = Literal["none", "selective", "full"]
@@ -68,9 +68,11 @@ def adapter_forward_flops_per_token(model: ModelSpec, finetune: Finetune) -> flo
 
 
 def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Recompute = "none",
-               causal: bool = False, flash_attention: bool = False, finetune: Finetune = FULL) -> StepFlops:
+               causal: bool = False, flash_attention: bool = False, finetune: Finetune = FULL,
+               early_stop: bool = False) -> StepFlops:
     """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``. With flash attention
-    selective recomputation has nothing to recompute (the scores are never stored)."""
+    selective recomputation has nothing to recompute (the scores are never stored); ``early_stop``: a
+    full recomputation does not re-run each layer's MLP down projection (and its adapters)."""
     layers_fwd = model.layers * layer_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     logits_fwd = logits_forward_flops_per_token(model) * tokens
     adapters_fwd = adapter_forward_flops_per_token(model, finetune) * tokens
@@ -82,6 +84,10 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
         backward = 2.0 * forward
     if recompute == "full":
         again = layers_fwd + adapters_fwd
+        if early_stop:
+            down = finetune.rank * sum(linear_shapes(model, 1)["down"]) \
+                if finetune.adapters and "down" in finetune.targets else 0.0
+            again -= model.layers * tokens * 2.0 * (model.ffn_hidden * model.hidden + down)
     elif recompute == "selective" and not flash_attention:
         again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     else:

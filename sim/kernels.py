@@ -82,6 +82,7 @@ class LayerKernels:
         self.attention_core = tuple(k for k in self.forward if k.kind == "attention"
                                     or k.name in ("attention_scores", "softmax", "attention_values"))
         self.backward = self._backward(self.forward)
+        self.recompute_forward = self._recompute_forward()
 
     def _forward(self) -> tuple[Kernel, ...]:
         m, p = self.model, self.plan
@@ -160,10 +161,20 @@ class LayerKernels:
                 _mem("softmax", scores * passes),
                 Kernel("attention_values", "gemm", 2.0 * T * s_keys * q, scores * e + s_keys * kv * e + T * q * e, d16)]
 
+    def _recompute_forward(self) -> tuple[Kernel, ...]:
+        """The forward a full recomputation re-runs: all of it, or with early stop (PyTorch >= 2.1
+        non-reentrant checkpoint) everything before the layer's last GEMM: the down projection's input
+        is the last tensor the backward needs, and it is saved before the GEMM runs, so the down
+        projection (its dequantization and adapters too) and the residual add after it are skipped."""
+        if not self.plan.recompute_early_stop:
+            return self.forward
+        cut = next(i for i, k in enumerate(self.forward) if k.name.split(".")[0] == "mlp_down")
+        return self.forward[:cut]
+
     def recompute(self) -> tuple[Kernel, ...]:
         """Forward work re-executed before a layer's backward."""
         if self.plan.recompute == "full":
-            return self.forward
+            return self.recompute_forward
         if self.plan.recompute == "selective" and not self.plan.flash_attention:
             return self.attention_core
         return ()

@@ -44,6 +44,10 @@ class TrainingConfig(Section):
     kernel_arch: Literal["native", "ampere"] = Field(
         default="native", description="GPU architecture the framework's kernels were built for; 'ampere' on a "
                                       "Hopper GPU: a CUDA 11.7-era stack without sm_90 code (mma.sync tensor cores)")
+    attention_kernel_arch: Literal["native", "ampere"] | None = Field(
+        default=None, description="architecture the attention kernels were built for, when it differs from "
+                                  "kernel_arch; 'ampere' on a Hopper GPU: the FlashAttention-1/2 or Triton kernels "
+                                  "of 2023 (mma.sync, no wgmma) beside a CUDA 12 stack's Hopper-native GEMMs")
     tokens: float | Literal["chinchilla"] | None = Field(
         default=None, description="tokens of the whole run (a number such as 15.6e12, or 'chinchilla' = 20 per "
                                   "parameter, Hoffmann et al. 2022); gives time to train, GPU-hours, cost and energy")
@@ -95,6 +99,21 @@ class ParallelismConfig(Section):
     # them instead of between them (sim/workload.py); needs sequence_parallel
     tp_comm_overlap: bool = Field(default=False, strict=True,
                                   description="overlap TP collectives with the layer's GEMMs (TE userbuffers)")
+    # Megatron-LM (since 2021) and Transformer Engine launch the backward's TP collectives of the
+    # column-parallel layers (QKV, MLP up) asynchronously: the gradient all-reduce (or, with sequence
+    # parallelism, the re-gather of the input and the reduce-scatter of its gradient) runs beside the
+    # dgrad / wgrad GEMMs; only the row-parallel layers' gradient all-gathers (SP) stay in line
+    # (megatron/core/tensor_parallel/layers.py LinearWithGradAccumulationAndAsyncCommunication)
+    tp_backward_overlap: bool = Field(default=True, strict=True,
+                                      description="the backward's column-parallel TP collectives overlap the "
+                                                  "gradient GEMMs (Megatron-LM since 2021, Transformer Engine)")
+    # PyTorch >= 2.1 non-reentrant torch.utils.checkpoint (FSDP / Composer, torchtitan) stops a layer's
+    # recomputation as soon as the last tensor its backward needs is rebuilt ("early stop", on by
+    # default): the input of the layer's last GEMM (the MLP down projection) is saved before that GEMM
+    # runs, so it, its TP reduction and the residual add after it are not re-run (sim/kernels.py)
+    recompute_early_stop: bool = Field(default=False, strict=True,
+                                       description="full recomputation stops before each layer's last GEMM "
+                                                   "(PyTorch >= 2.1 non-reentrant checkpoint)")
 
 
 def weight_dtype(precision: str) -> str:
@@ -170,6 +189,9 @@ class Plan:
     offload_params: bool = False     # 16-bit weights in CPU memory, fetched layer by layer (ZeRO-3)
     zero3_impl: str = "fsdp"         # how ZeRO-3 moves weights and gradients (see ParallelismConfig)
     kernel_arch: str = "native"      # architecture the kernels were built for (see TrainingConfig)
+    attention_kernel_arch: str = "native"   # the attention kernels' (see TrainingConfig)
+    recompute_early_stop: bool = False       # full recomputation skips each layer's last GEMM (see ParallelismConfig)
+    tp_backward_overlap: bool = False        # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
 
     @property
@@ -208,11 +230,15 @@ class Plan:
                  if self.zero else "no ZeRO"]
         if self.kernel_arch != "native":
             extra.append(f"{self.kernel_arch}-built kernels")
+        if self.attention_kernel_arch != self.kernel_arch:
+            extra.append(f"{self.attention_kernel_arch}-built attention")
         if self.sequence_parallel:
             extra.append("SP")
         if self.tp_comm_overlap and self.tp > 1:
             extra.append("TP-comm overlap")
-        extra.append(f"recompute {self.recompute}")
+        elif self.tp > 1 and not self.tp_backward_overlap:
+            extra.append("no TP backward overlap")
+        extra.append(f"recompute {self.recompute}" + (" (early stop)" if self.recompute_early_stop else ""))
         sched = self.schedule + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
         if self.offload_optimizer or self.offload_params:
             extra.append("offload " + " + ".join(what for what, on in (("optimizer", self.offload_optimizer),
@@ -292,6 +318,14 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
         raise fail("training.kernel_arch", f"kernel_arch: ampere models Ampere (sm_80) kernels, which run on "
                                            f"Ampere and Hopper GPUs in 16-bit; expected native for {gpu.name} "
                                            f"with precision {precision}")
+    attention_arch = training.attention_kernel_arch or training.kernel_arch
+    if attention_arch == "ampere" and gpu.arch not in ("ampere", "hopper"):
+        raise fail("training.attention_kernel_arch", f"attention_kernel_arch: ampere models Ampere (sm_80) "
+                                                     f"kernels, which run on Ampere and Hopper GPUs; expected "
+                                                     f"native for {gpu.name}")
+    if par.recompute_early_stop and par.recompute != "full":
+        raise fail("parallelism.recompute_early_stop", f"early stop shortens a full recomputation; expected "
+                                                       f"recompute: full, got recompute: {par.recompute}")
     if par.zero3_impl != "fsdp" and par.zero != 3:
         raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
                                              f"got zero={par.zero}")
@@ -318,5 +352,6 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 precision=precision, optimizer=training.optimizer, grad_dtype=grad_dtype,
                 flash_attention=training.flash_attention, chunk_layers=chunks, finetune=ft,
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
-                zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch,
+                zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch, attention_kernel_arch=attention_arch,
+                recompute_early_stop=par.recompute_early_stop, tp_backward_overlap=par.tp_backward_overlap and tp > 1,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1)

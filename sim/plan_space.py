@@ -214,7 +214,10 @@ def auto_points(model: ModelSpec, training: TrainingConfig, parallelism: Paralle
                                            if zero != 3 and parallelism.zero3_impl != "fsdp" else {}),
                                         # nor a base TP-comm overlap to points without sequence parallelism
                                         **({"parallelism.tp_comm_overlap": False}
-                                           if parallelism.tp_comm_overlap and not sp else {})})
+                                           if parallelism.tp_comm_overlap and not sp else {}),
+                                        # nor a base early-stopped recomputation to other recompute modes
+                                        **({"parallelism.recompute_early_stop": False}
+                                           if parallelism.recompute_early_stop and recompute != "full" else {})})
     return points
 
 

@@ -50,8 +50,10 @@ def to_dict(a: Analysis, *, pue: float = DEFAULT_PUE) -> dict[str, Any]:
         "cluster": s.cluster.describe(),
         "plan": {"tp": plan.tp, "pp": plan.pp, "cp": plan.cp, "dp": plan.dp, "zero": plan.zero,
                  "zero3_impl": plan.zero3_impl, "kernel_arch": plan.kernel_arch,
+                 "attention_kernel_arch": plan.attention_kernel_arch,
                  "sequence_parallel": plan.sequence_parallel, "tp_comm_overlap": plan.tp_comm_overlap,
-                 "recompute": plan.recompute,
+                 "tp_backward_overlap": plan.tp_backward_overlap,
+                 "recompute": plan.recompute, "recompute_early_stop": plan.recompute_early_stop,
                  "schedule": plan.schedule, "virtual_stages": plan.virtual_stages,
                  "layers_per_stage": [plan.stage_layers(i) for i in range(plan.pp)],
                  "seq_len": plan.seq_len, "global_batch_size": plan.global_batch_size,
@@ -236,7 +238,8 @@ def to_text(a: Analysis, *, pue: float = DEFAULT_PUE) -> str:
     p(f"Model      {s.model.describe()}")
     p(f"Cluster    {s.cluster.describe()}")
     p(f"Plan       {plan.describe()}")
-    recompute = "no recomputation" if plan.recompute == "none" else f"{plan.recompute} recomputation"
+    recompute = "no recomputation" if plan.recompute == "none" else \
+        f"{plan.recompute} recomputation" + (" (early stop)" if plan.recompute_early_stop else "")
     p(f"FLOPs      {a.flops.model_flop:.4g} model FLOP per step ({a.flops_per_token:.4g} per token, "
       f"{plan.tokens_per_step:,} tokens); {a.flops.hardware_flop:.4g} hardware FLOP with {recompute}")
     ft = a.finetune_summary()

@@ -136,6 +136,23 @@ class _Lowering:
                 if plan.sequence_parallel else (Collective("all_reduce", "tp", act_bytes, 2),)
         else:
             self.tp_comm = ()
+        # the backward with async TP gradient collectives (Megatron-LM, TE): the row-parallel layers'
+        # gradient all-gathers (SP) in line; the column-parallel layers' input re-gathers and gradient
+        # reduce-scatters (SP) or gradient all-reduces beside the gradient GEMMs
+        self.tp_comm_bwd_inline: tuple[Collective, ...] = ()
+        self.tp_comm_bwd_beside: tuple[Collective, ...] = ()
+        if plan.tp > 1 and plan.tp_backward_overlap:
+            if plan.sequence_parallel:
+                self.tp_comm_bwd_inline = (Collective("all_gather", "tp", act_bytes, 2),)
+                self.tp_comm_bwd_beside = self.tp_comm
+            else:
+                self.tp_comm_bwd_beside = self.tp_comm
+        # an early-stopped recomputation skips the reduction after the layer's last GEMM
+        self.tp_comm_recompute = self.tp_comm
+        if plan.recompute_early_stop and self.tp_comm:
+            last = self.tp_comm[-1]
+            self.tp_comm_recompute = self.tp_comm[:-1] + (Collective(last.kind, last.group, last.size_bytes,
+                                                                     last.count - 1),)
         # CP: every rank gathers the K and V of the other cp - 1 chunks (ring attention)
         kv = kv_heads_per_rank(model, plan.tp) * model.d_head
         self.cp_comm = Collective("all_gather", "cp", 2 * plan.seq_len * plan.micro_batch_size * kv * self.e) \
@@ -149,7 +166,7 @@ class _Lowering:
         self.weight_bytes, self.grad_bytes, _ = bytes_per_param(plan)          # of a trainable parameter
         self.bucket_params = max(BUCKET_MIN_PARAMS, BUCKET_PARAMS_PER_DP_RANK * plan.dp * plan.cp)
         self._repeats: dict[tuple, tuple] = {}
-        self._cp_split: tuple | None = None
+        self._cp_split: dict[int, tuple] = {}
         self.zero3 = layerwise_weights(plan)
         self.layer_weight_bytes = layer_weight_bytes(model, plan)              # one layer's gathered weights
         shards = plan.dp * plan.cp
@@ -170,13 +187,14 @@ class _Lowering:
         """Least time of a ZeRO-3 weight or gradient collective when the framework sets the rate."""
         return size_bytes / self.zero3_rate if self.zero3_rate else 0.0
 
-    def cp_split(self) -> tuple[tuple[Kernel, ...], tuple[Kernel, ...], tuple[Kernel, ...]]:
-        """A layer's forward kernels before, in and after the attention core (one shared tuple each)."""
-        if self._cp_split is None:
+    def cp_split(self, kernels: tuple[Kernel, ...]) -> tuple[tuple[Kernel, ...], tuple[Kernel, ...], tuple[Kernel, ...]]:
+        """A layer's forward (or recomputation) kernels before, in and after the attention core (one
+        shared tuple each)."""
+        if id(kernels) not in self._cp_split:
             k = self.k
-            attn, n_core = k.forward.index(k.attention_core[0]), len(k.attention_core)
-            self._cp_split = (k.forward[:attn], k.forward[attn:attn + n_core], k.forward[attn + n_core:])
-        return self._cp_split
+            attn, n_core = kernels.index(k.attention_core[0]), len(k.attention_core)
+            self._cp_split[id(kernels)] = (kernels[:attn], kernels[attn:attn + n_core], kernels[attn + n_core:])
+        return self._cp_split[id(kernels)]
 
     def repeated(self, kernels: tuple[Kernel, ...], n: int) -> tuple[Kernel, ...]:
         """``kernels`` n times, as one shared tuple (op durations are cached per tuple)."""
@@ -192,9 +210,26 @@ class _Lowering:
         Returns the op the next compute waits for."""
         if not self.tp_comm:
             return dep
-        if not (self.plan.tp_comm_overlap and self.plan.sequence_parallel):
+        phase = prog.ops[dep].phase
+        comms = self.tp_comm_recompute if phase == "recompute" else self.tp_comm
+        userbuffers = self.plan.tp_comm_overlap and self.plan.sequence_parallel
+        if not userbuffers and phase == "backward" and self.tp_comm_bwd_beside:
+            start = prog.ops[dep if first is None else first]
+            deps, wait = start.deps, start.wait          # beside the gradient GEMMs, from the pass's start
+            for c in self.tp_comm_bwd_beside:
+                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+                beside = prog.add("tp", f"{name}.{c.kind}.async", "comm", deps, collective=col, wait=wait)
+                deps, wait = (beside,), None
+            if not self.tp_comm_bwd_inline:
+                return prog.add("tp", f"{name}.tp_join", "comm", (dep, beside))
             last = dep
-            for c in self.tp_comm:
+            for c in self.tp_comm_bwd_inline:   # on the tp stream after (so also waiting for) the ones beside
+                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+                last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
+            return last
+        if not userbuffers:
+            last = dep
+            for c in comms:
                 col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
                 last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
             return last
@@ -202,12 +237,12 @@ class _Lowering:
         forward = start.phase != "backward"
         tail = 1.0 / TP_OVERLAP_SPLITS if forward else 0.0
         deps, wait = start.deps, start.wait          # the first collective starts with the pass
-        for c in self.tp_comm:
+        for c in comms:
             share = 1.0 - tail if c.kind == "reduce_scatter" else 1.0
             col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers, transport="userbuffers")
             beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col, wait=wait)
             deps, wait = (beside,), None
-        rs = self.tp_comm[-1]
+        rs = comms[-1]
         col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers, transport="userbuffers") \
             if tail else None
         return prog.add("tp", f"{name}.tp_tail", "comm", (dep, beside), collective=col)
@@ -232,11 +267,11 @@ class _Lowering:
         """Forward (or full recompute) of ``layers`` layers: one op for all of them, or one per layer
         with context parallelism (its K/V exchange overlaps each layer's attention core) or ZeRO-3
         (each layer's weights are gathered first). ``after``: one more op the first layer waits for."""
-        k = self.k
+        kernels = self.k.recompute_forward if phase == "recompute" else self.k.forward
         if layers == 0:   # a chunk with only the embedding or only the output layer (Llama 3's pipeline)
             return prog.add("compute", name, phase, (dep, after), kernels=(), wait=wait, alloc=alloc)
         if self.cp_comm is None and not self.zero3:
-            op = prog.add("compute", name, phase, (dep, after), kernels=self.repeated(k.forward, layers), wait=wait,
+            op = prog.add("compute", name, phase, (dep, after), kernels=self.repeated(kernels, layers), wait=wait,
                           alloc=alloc)
             return self.tp_ops(prog, name, op, layers)
         issued = [dep, dep]            # compute ops of the layers run so far (gather prefetch distance)
@@ -249,11 +284,11 @@ class _Lowering:
             gathered = self.gather(prog, lname, issued[-2]) if after is None else after
             after = None
             if self.cp_comm is None:
-                op = prog.add("compute", lname, phase, (dep, gathered), kernels=k.forward, wait=wait,
+                op = prog.add("compute", lname, phase, (dep, gathered), kernels=kernels, wait=wait,
                               alloc=alloc, free=free)
                 issued.append(op)
             else:
-                pre_k, core_k, post_k = self.cp_split()
+                pre_k, core_k, post_k = self.cp_split(kernels)
                 pre = prog.add("compute", lname + ".pre", phase, (dep, gathered), kernels=pre_k,
                                wait=wait, alloc=alloc)
                 issued.append(pre)

@@ -246,7 +246,7 @@ def _tp_overlap_case(overlap: bool, tp: int = 8, nodes: int = 1):
     data = {"model": model, "cluster": {"topology": "dgx-h100", "nodes": nodes},
             "training": {"seq_len": 8192, "global_batch_size": 8, "micro_batch_size": 4},
             "parallelism": {"tp": tp, "pp": 1, "dp": 1, "sequence_parallel": True, "tp_comm_overlap": overlap,
-                            "tp_across_nodes": tp > 8}}
+                            "tp_backward_overlap": overlap, "tp_across_nodes": tp > 8}}
     return scenario_from_mapping(data)
 
 
@@ -311,3 +311,57 @@ def test_kernels_beside_a_collective_run_slower_by_the_sourced_fraction():
     assert result == pytest.approx(long_comm, rel=1e-9)
     spans = {x.name: x for x in eng.run().devices[0].spans}
     assert spans["F"].end_s - spans["F"].start_s == pytest.approx(compute * (1 + s), rel=1e-9)
+
+
+def _tp_backward_case(sequence_parallel: bool, overlap: bool, recompute: str = "none", early_stop: bool = False):
+    model = {"layers": 8, "hidden": 8192, "heads": 64, "kv_heads": 8, "ffn_hidden": 28672, "vocab": 128256,
+             "max_seq_len": 8192, "ffn_kind": "swiglu", "position": "rope"}
+    data = {"model": model, "cluster": {"topology": "dgx-h100", "nodes": 1},
+            "training": {"seq_len": 8192, "global_batch_size": 8, "micro_batch_size": 4},
+            "parallelism": {"tp": 8, "pp": 1, "dp": 1, "sequence_parallel": sequence_parallel,
+                            "tp_backward_overlap": overlap, "recompute": recompute,
+                            "recompute_early_stop": early_stop}}
+    return scenario_from_mapping(data)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_backward_tp_collectives_of_column_parallel_layers_run_beside_the_gradient_gemms(sequence_parallel):
+    # Without the overlap every TP collective is exposed: X = step - compute-only step, half of it in
+    # the forward, half in the backward (the same collectives). Megatron-LM / TE launch the backward's
+    # column-parallel collectives asynchronously: without SP both gradient all-reduces run beside the
+    # gradient GEMMs; with SP the input re-gathers and gradient reduce-scatters (as many bytes as the
+    # backward's X / 2) run beside them and the row-parallel layers' 2 gradient all-gathers (X / 4) stay
+    # in line. Kernels beside an NCCL collective run at 1 / (1 + s), s = 0.189 (arXiv:2507.03114), so
+    # the hidden X / 2 still costs s / (1 + s) x X / 2
+    s = 0.189
+    on, off = _tp_backward_case(sequence_parallel, True), _tp_backward_case(sequence_parallel, False)
+    compute = simulate(on, free_communication=True).step_time_s
+    exposed = simulate(off).step_time_s - compute
+    extra = simulate(on).step_time_s - compute
+    inline = exposed / 2 + (exposed / 4 if sequence_parallel else 0.0)
+    expected = inline + s / (1 + s) * exposed / 2
+    assert extra == pytest.approx(expected, rel=0.05)
+
+
+def test_early_stopped_recomputation_skips_the_down_projection_and_its_all_reduce():
+    # PyTorch >= 2.1 non-reentrant checkpoint: the recomputation stops at the down projection's input,
+    # so the recompute op holds the forward's kernels up to (not including) mlp_down, and of the
+    # forward's 2 TP all-reduces per layer only the one after the attention block is re-run
+    from sim.engine import Engine
+    full = Engine(_tp_backward_case(False, False, "full")).programs[0]
+    early = Engine(_tp_backward_case(False, False, "full", early_stop=True)).programs[0]
+
+    def recompute_names(prog):
+        return [k.name for op in prog.ops if op.phase == "recompute" for k in op.kernels]
+
+    def recompute_all_reduces(prog):
+        after = {op.index for op in prog.ops if op.phase == "recompute"}
+        return sum(op.collective.count for op in prog.ops
+                   if op.collective is not None and op.collective.kind == "all_reduce" and set(op.deps) & after)
+
+    names, early_names = recompute_names(full), recompute_names(early)
+    assert "mlp_down" in names and "residual2" in names
+    assert "mlp_down" not in early_names and "residual2" not in early_names
+    assert len(early_names) == len(names) - 2 * 8 * 2      # 2 microbatches x 8 layers x 2 kernels
+    assert recompute_all_reduces(full) == 2 * 8 * 2        # 2 microbatches x 8 layers x 2
+    assert recompute_all_reduces(early) == 1 * 8 * 2

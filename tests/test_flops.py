@@ -16,6 +16,18 @@ def test_gpt3_model_flops_match_narayanan():
     assert step_flops(m, tokens=B * s, seq_len=s, recompute="none").hardware_flop == pytest.approx(model, rel=0.01)
 
 
+def test_early_stopped_full_recompute_skips_the_mlp_down_projection():
+    # PyTorch >= 2.1 non-reentrant checkpoint stops once the down projection's input is rebuilt: per
+    # token and layer the recomputation is the forward (24 h^2 + 4 s h) less that GEMM's 2 x 4h x h,
+    # i.e. 16 h^2 + 4 s h, so hardware FLOPs = Narayanan's model FLOPs + 16 B s l h^2 (1 + s / (4 h))
+    m = load_model({"base": "gpt3-175b", "vocab": 51200})
+    B, s, l, h, V = 1536, 2048, 96, 12288, 51200
+    model = 72 * B * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
+    f = step_flops(m, tokens=B * s, seq_len=s, recompute="full", early_stop=True)
+    assert f.model_flop == pytest.approx(model, rel=0.01)
+    assert f.hardware_flop == pytest.approx(model + 16 * B * s * l * h**2 * (1 + s / (4 * h)), rel=0.01)
+
+
 def test_selective_recompute_adds_attention_core_only():
     # Korthikanti et al. 2022 §5: selective recompute re-runs QK^T and AV: 4 s h FLOP/token/layer forward
     m = load_model("gpt3-175b")

@@ -47,6 +47,11 @@ def run_cli(args, capsys):
     (lambda d: d["training"].update(seq_len=True), "training.seq_len", "expected an integer"),
     (lambda d: d["parallelism"].update(sequence_parallel="maybe"), "parallelism.sequence_parallel", "true or false"),
     (lambda d: d.update(memory={"workspace_bytes": float("inf")}), "memory.workspace_bytes", "finite"),
+    (lambda d: d["parallelism"].update(recompute_early_stop=True), "parallelism.recompute_early_stop",
+     "expected recompute: full"),
+    (lambda d: d["cluster"].update(topology="dgx-2") or d["training"].update(precision="fp16",
+                                                                            attention_kernel_arch="ampere"),
+     "training.attention_kernel_arch", "expected native"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragment):
     data = copy.deepcopy(VALID)

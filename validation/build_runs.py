@@ -222,12 +222,28 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
                      "modelled as rank-32 adapters on q, k and v)")
     if src.startswith(("S01", "S02", "S03", "S04", "S12")):
         training["flash_attention"] = False      # these Megatron-LM / DeepSpeed runs predate FlashAttention
-    if src.startswith("S07") and topo == "dgx-h100":
-        # llm-foundry's benchmark launcher (scripts/train/benchmarking/submit_benchmarks.py) runs the image
-        # mosaicml/pytorch:1.13.1_cu117: CUDA 11.7 predates Hopper (sm_90 arrived in CUDA 11.8)
-        training["kernel_arch"] = "ampere"
-        notes.append("software stack: the benchmark image PyTorch 1.13.1 + CUDA 11.7 has no Hopper kernels "
-                     "(Ampere-built kernels assumed)")
+    if src.startswith(("S01", "S02", "S03", "S12")) and tp > 1:
+        # Megatron-LM launched the backward's TP all-reduce asynchronously from late 2021 (async
+        # tensor-model-parallel allreduce; ported to apex in apex PR #1181, 2021-10); these runs are
+        # older, and BLOOM's bigscience Megatron-DeepSpeed fork has a synchronous all-reduce
+        par["tp_backward_overlap"] = False
+        notes.append("Megatron-LM of 2019-2021 (BLOOM: bigscience fork): the backward's TP all-reduces in line, "
+                     "not beside the gradient GEMMs")
+    if src.startswith("S07") and (topo == "dgx-h100" or row["precision"] == "amp_bf16"):
+        # llm-foundry scripts/train/benchmarking/h100new.md @beb8dee6 lists these rows (the README's H100 BF16
+        # table and the A100 80GB amp_bf16 rows) with the image mosaicml/pytorch:2.1.0_cu121-nightly20230827:
+        # CUDA 12.1's cuBLAS has Hopper GEMM kernels; the attention (llm-foundry's Triton flash attention,
+        # or flash-attn v1) is built on mma.sync; PyTorch >= 2.1's non-reentrant checkpoint stops early
+        # (the launcher submit_benchmarks.py @12a63191 sets fsdp_config.activation_checkpointing_reentrant False)
+        if topo == "dgx-h100":
+            training["attention_kernel_arch"] = "ampere"
+            notes.append("software stack: PyTorch 2.1 + CUDA 12.1 (the image in h100new.md): Hopper cuBLAS GEMMs, "
+                         "attention kernels on mma.sync (Triton / flash-attn v1; attn_impl not stated)")
+        if par.get("recompute") == "full":
+            par["recompute_early_stop"] = True
+            notes.append("activation checkpointing: PyTorch 2.1 non-reentrant checkpoint (the launcher sets "
+                         "activation_checkpointing_reentrant: False), whose early stop skips each block's "
+                         "down projection in the recomputation")
     scenario = {"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
                 "parallelism": par}
     if lora:
