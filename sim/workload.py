@@ -4,10 +4,12 @@ Every device of a stage runs the same program; only the process groups its colle
 (the engine maps a program onto devices). Granularity: one compute op per (microbatch, model
 chunk, pass) carrying the kernels of all its layers, and per layer where something happens between
 layers (the last microbatch's backward, whose gradient buckets start reducing as layers finish;
-context parallelism). The TP collectives of a pass are one op on the ``tp`` stream
-(Megatron-LM runs them on the critical path: forward with sequence parallelism = 2 all-gathers +
-2 reduce-scatters of the [s, b, h] activation, without it 2 all-reduces; the backward the same;
-with TP-comm overlap they run beside the pass's compute, :data:`TP_OVERLAP_SPLITS`); with context
+context parallelism). The TP collectives of a pass are ops on the ``tp`` stream (Megatron-LM
+runs the forward's on the critical path: with sequence parallelism 2 all-gathers + 2 reduce-scatters
+of the [s, b, h] activation, without it 2 all-reduces; the backward launches the column-parallel
+layers' (the input re-gathers and gradient reduce-scatters, or the gradient all-reduces) beside the
+gradient GEMMs and only the row-parallel layers' gradient all-gathers in line; with TP-comm overlap
+all run beside the pass's compute, :data:`TP_OVERLAP_SPLITS`); with context
 parallelism the K/V ring exchange runs on the ``cp`` stream concurrently with the attention core;
 the last microbatch's backward fills gradient buckets that are reduced on the ``dp`` stream as soon
 as they are full (Megatron-LM DDP overlap_grad_reduce); activations go to the next stage on the
@@ -142,11 +144,9 @@ class _Lowering:
         self.tp_comm_bwd_inline: tuple[Collective, ...] = ()
         self.tp_comm_bwd_beside: tuple[Collective, ...] = ()
         if plan.tp > 1 and plan.tp_backward_overlap:
+            self.tp_comm_bwd_beside = self.tp_comm
             if plan.sequence_parallel:
                 self.tp_comm_bwd_inline = (Collective("all_gather", "tp", act_bytes, 2),)
-                self.tp_comm_bwd_beside = self.tp_comm
-            else:
-                self.tp_comm_bwd_beside = self.tp_comm
         # an early-stopped recomputation skips the reduction after the layer's last GEMM
         self.tp_comm_recompute = self.tp_comm
         if plan.recompute_early_stop and self.tp_comm:
@@ -206,8 +206,11 @@ class _Lowering:
     def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1, first: int | None = None) -> int:
         """The TP collectives of the pass whose (last) compute op is ``dep``: after it, on the critical
         path; with TP-comm overlap beside it from the start of its first op ``first``, with only the
-        last split of the forward's pipelined reduce-scatters after it (:data:`TP_OVERLAP_SPLITS`).
-        Returns the op the next compute waits for."""
+        last split of the forward's pipelined reduce-scatters after it (:data:`TP_OVERLAP_SPLITS`); in a
+        backward with asynchronous gradient collectives (``tp_backward_overlap``) the column-parallel
+        layers' beside it and the row-parallel layers' gradient all-gathers (SP) after it. An
+        early-stopped recomputation has one reduction less per layer. Returns the op the next compute
+        waits for."""
         if not self.tp_comm:
             return dep
         phase = prog.ops[dep].phase

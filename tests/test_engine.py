@@ -341,6 +341,10 @@ def test_backward_tp_collectives_of_column_parallel_layers_run_beside_the_gradie
     inline = exposed / 2 + (exposed / 4 if sequence_parallel else 0.0)
     expected = inline + s / (1 + s) * exposed / 2
     assert extra == pytest.approx(expected, rel=0.05)
+    # the breakdown reports the slowed part apart: the sum of what each compute op lost
+    run = simulate(on).devices[0]
+    assert run.breakdown_s["overlap_slowdown"] == pytest.approx(sum(run.slowed_s.values()), rel=1e-9)
+    assert run.breakdown_s["overlap_slowdown"] == pytest.approx(s / (1 + s) * exposed / 2, rel=0.05)
 
 
 def test_early_stopped_recomputation_skips_the_down_projection_and_its_all_reduce():
