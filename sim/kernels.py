@@ -206,11 +206,30 @@ class LayerKernels:
 
 
 def optimizer_kernels(params: float, plan: Plan) -> tuple[Kernel, ...]:
-    """Gradient-norm pass plus one fused optimizer pass over ``params`` trainable parameters (already
-    divided by ZeRO)."""
-    # DRAM traffic per (sharded) parameter of a fused multi-tensor optimizer pass: read the gradient,
-    # read and write the states (fp32 master copy included), and write the 16-bit weight -- or read
-    # and write the weight itself when there is no master copy (fp32 weights)
+    """Gradient-norm pass plus the optimizer's passes over ``params`` trainable parameters (already
+    divided by ZeRO): one fused pass, or one per elementwise op (``optimizer_impl: unfused``)."""
     weight, grad, states = bytes_per_param(plan)
-    per_param = grad + 2 * states + (weight if master_bytes(plan) else 2 * weight)
-    return (_mem("grad_norm", params * grad), _mem("optimizer_step", params * per_param))
+    master = master_bytes(plan)
+    if plan.optimizer_impl == "fused":
+        # a fused multi-tensor pass: read the gradient, read and write the states (fp32 master copy
+        # included), and write the 16-bit weight -- or read and write the weight itself without a master
+        per_param = grad + 2 * states + (weight if master else 2 * weight)
+        return (_mem("grad_norm", params * grad), _mem("optimizer_step", params * per_param))
+    # torch.optim's foreach / for-loop update (and Composer's DecoupledAdamW): every op a pass of its
+    # own over the tensors it reads and writes. p: the updated (master or only) weight; s: one state
+    p = master or weight
+    s = (states - master) / {"adamw": 2, "sgd": 1, "sgd-no-momentum": 1}[plan.optimizer] if states > master else 0.0
+    if plan.optimizer == "adamw":
+        passes = ((2 * s + grad)                 # exp_avg.lerp_(grad)
+                  + (2 * s) + (2 * s + grad)     # exp_avg_sq.mul_(beta2).addcmul_(grad, grad)
+                  + 3 * (2 * s)                  # denom = (exp_avg_sq.sqrt() / bias_correction2).add_(eps)
+                  + (2 * p + 2 * s)              # param.addcdiv_(exp_avg, denom)
+                  + 2 * p)                       # param.mul_(1 - lr * weight_decay)
+    elif plan.optimizer == "sgd":
+        passes = (2 * s) + (2 * s + grad) + (2 * p + s)  # buf.mul_(momentum).add_(grad); param.add_(buf)
+    else:
+        passes = 2 * p + grad                    # param.add_(grad)
+    cast = (p + weight) if master else 0.0       # the 16-bit copy of the updated master weight
+    clip = 2 * grad                              # grad.mul_(clip coefficient), which a fused kernel folds in
+    return (_mem("grad_norm", params * grad), _mem("grad_clip", params * clip),
+            _mem("optimizer_step", params * (passes + cast)))

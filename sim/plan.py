@@ -38,6 +38,11 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(default=1, ge=1, strict=True, description="sequences per microbatch per DP rank")
     precision: Precision = "bf16"
     optimizer: Optimizer = "adamw"
+    optimizer_impl: Literal["fused", "unfused"] = Field(
+        default="fused", description="fused: one multi-tensor pass over the states per step (apex / Transformer "
+                                     "Engine FusedAdam in Megatron-LM, NeMo and DeepSpeed; torch fused=True); "
+                                     "unfused: one pass per elementwise op (torch.optim's foreach or for-loop "
+                                     "AdamW and SGD, Composer's DecoupledAdamW)")
     grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
     flash_attention: bool = Field(default=True, strict=True)
@@ -191,6 +196,7 @@ class Plan:
     kernel_arch: str = "native"      # architecture the kernels were built for (see TrainingConfig)
     attention_kernel_arch: str = "native"   # the attention kernels' (see TrainingConfig)
     recompute_early_stop: bool = False       # full recomputation skips each layer's last GEMM (see ParallelismConfig)
+    optimizer_impl: str = "fused"            # one pass or one per elementwise op (see TrainingConfig)
     tp_backward_overlap: bool = False        # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
 
@@ -249,7 +255,7 @@ class Plan:
         return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp} ({self.gpus} GPUs), {', '.join(extra)}, "
                 f"{sched}; seq {self.seq_len}, global batch {self.global_batch_size}, micro-batch "
                 f"{self.micro_batch_size} -> {self.microbatches} microbatches; {self.precision}, "
-                f"{self.optimizer}, grads {grads}{tail}")
+                f"{self.optimizer}{' (unfused)' if self.optimizer_impl == 'unfused' else ''}, grads {grads}{tail}")
 
 
 def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismConfig, *, num_gpus: int,
@@ -323,6 +329,9 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
         raise fail("training.attention_kernel_arch", f"attention_kernel_arch: ampere models Ampere (sm_80) "
                                                      f"kernels, which run on Ampere and Hopper GPUs; expected "
                                                      f"native for {gpu.name}")
+    if training.optimizer_impl == "unfused" and training.optimizer not in ("adamw", "sgd", "sgd-no-momentum"):
+        raise fail("training.optimizer_impl", f"{training.optimizer} has one implementation here; unfused models "
+                                              f"torch.optim's AdamW and SGD: expected fused")
     if par.recompute_early_stop and par.recompute != "full":
         raise fail("parallelism.recompute_early_stop", f"early stop shortens a full recomputation; expected "
                                                        f"recompute: full, got recompute: {par.recompute}")
@@ -354,4 +363,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
                 zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch, attention_kernel_arch=attention_arch,
                 recompute_early_stop=par.recompute_early_stop, tp_backward_overlap=par.tp_backward_overlap and tp > 1,
+                optimizer_impl=training.optimizer_impl,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1)

@@ -55,3 +55,18 @@ def test_interleaved_first_stage_factor():
     p = plan(pp=p_, dp=1, schedule="interleaved", virtual_stages=v, global_batch_size=64,
              chunk_layers=(1,) * (p_ * v))
     assert microbatches_in_flight(p, 0) == pytest.approx(p_ * (1 + (p_ - 1) / (p_ * v)), rel=1e-12)
+
+
+@pytest.mark.parametrize("impl, expected", [
+    # fused (apex / TE FusedAdam): read the fp32 grad (4), read + write master and moments (2 x 12),
+    # write the fp16 weight (2); plus the grad-norm read (4)
+    ("fused", 4 + 2 * 12 + 2 + 4),
+    # unfused torch AdamW, every op a pass (4-byte states s, grads g, master p):
+    # lerp m (2s + g) + mul v (2s) + addcmul v (2s + g) + sqrt, div, add eps (3 x 2s)
+    # + addcdiv p (2p + 2s) + weight decay (2p) + fp16 copy (p + 2) + clip scale (2g) + norm read (g)
+    ("unfused", (8 + 4) + 8 + (8 + 4) + 3 * 8 + (8 + 8) + 8 + (4 + 2) + 8 + 4),
+])
+def test_optimizer_step_dram_traffic_per_parameter(impl, expected):
+    from sim.kernels import optimizer_kernels
+    ks = optimizer_kernels(1e9, plan(optimizer_impl=impl, grad_dtype="fp32"))
+    assert sum(k.bytes for k in ks) / 1e9 == pytest.approx(expected, rel=1e-12)

@@ -52,6 +52,8 @@ def run_cli(args, capsys):
     (lambda d: d["cluster"].update(topology="dgx-2") or d["training"].update(precision="fp16",
                                                                             attention_kernel_arch="ampere"),
      "training.attention_kernel_arch", "expected native"),
+    (lambda d: d["training"].update(optimizer="adamw-8bit", optimizer_impl="unfused"), "training.optimizer_impl",
+     "expected fused"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragment):
     data = copy.deepcopy(VALID)

@@ -213,6 +213,11 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if pinned is not None and par.get("schedule") == "interleaved":
         par["first_stage_layers"] = par["last_stage_layers"] = pinned
     training = {"seq_len": seq, "global_batch_size": gbs, "micro_batch_size": mb, "precision": precision(row, notes)}
+    # settings a row's notes cite from the run's own configuration (S14: the recipe's yaml and configure.sh)
+    if "grad_sync_dtype: bf16" in row["notes"]:
+        training["grad_dtype"] = "bf16"
+    if "NVTE_FUSED_ATTN=0" in row["notes"]:      # Transformer Engine's flash-attn (FA2, mma.sync) backend
+        training["attention_kernel_arch"] = "ampere"
     lora = "lora" in row["model"].lower()
     if lora:
         # NeMo 24.07 megatron_gpt_finetuning_config.yaml, peft.lora_tuning: adapter_dim 32, alpha 32,
@@ -229,6 +234,12 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
         par["tp_backward_overlap"] = False
         notes.append("Megatron-LM of 2019-2021 (BLOOM: bigscience fork): the backward's TP all-reduces in line, "
                      "not beside the gradient GEMMs")
+    if src.startswith("S07"):
+        # the MPT yamls' optimizer decoupled_adamw is Composer's DecoupledAdamW: a Python loop over the
+        # parameters of separate torch ops (composer/optim/decoupled_weight_decay.py), one DRAM pass each
+        training["optimizer_impl"] = "unfused"
+        notes.append("optimizer: Composer's DecoupledAdamW (decoupled_adamw in the MPT yamls), unfused: one pass "
+                     "over the states per elementwise op")
     if src.startswith("S07") and (topo == "dgx-h100" or row["precision"] == "amp_bf16"):
         # llm-foundry scripts/train/benchmarking/h100new.md @beb8dee6 lists these rows (the README's H100 BF16
         # table and the A100 80GB amp_bf16 rows) with the image mosaicml/pytorch:2.1.0_cu121-nightly20230827:
