@@ -67,6 +67,21 @@ def adapter_forward_flops_per_token(model: ModelSpec, finetune: Finetune) -> flo
     return 2.0 * model.layers * adapter_params_per_layer(model, finetune, 1) if finetune.adapters else 0.0
 
 
+def early_stop_skips(model: ModelSpec, finetune: Finetune = FULL) -> str:
+    """What an early-stopped full recomputation of a layer leaves out (PyTorch >= 2.1 non-reentrant
+    checkpoint stops as soon as the last tensor the backward needs is saved; an op saves its inputs
+    before it runs, its outputs after): ``down`` -- the MLP down projection, its TP reduction and the
+    residual add (the projection's input is the last tensor saved); ``lora_b`` -- with a LoRA adapter
+    on the down projection, whose base GEMM and A run first (PEFT), only B, the add and the residual;
+    ``residual`` -- with dropout after the MLP, whose mask is saved after the down projection ran,
+    only the residual add."""
+    if model.dropout:
+        return "residual"
+    if finetune.adapters and "down" in finetune.targets:
+        return "lora_b"
+    return "down"
+
+
 def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Recompute = "none",
                causal: bool = False, flash_attention: bool = False, finetune: Finetune = FULL,
                early_stop: bool = False) -> StepFlops:
@@ -84,10 +99,11 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
         backward = 2.0 * forward
     if recompute == "full":
         again = layers_fwd + adapters_fwd
-        if early_stop:
-            down = finetune.rank * sum(linear_shapes(model, 1)["down"]) \
-                if finetune.adapters and "down" in finetune.targets else 0.0
-            again -= model.layers * tokens * 2.0 * (model.ffn_hidden * model.hidden + down)
+        skipped = early_stop_skips(model, finetune) if early_stop else "residual"
+        if skipped == "down":
+            again -= model.layers * tokens * 2.0 * model.ffn_hidden * model.hidden
+        elif skipped == "lora_b":       # B: rank -> the down projection's outputs
+            again -= model.layers * tokens * 2.0 * finetune.rank * linear_shapes(model, 1)["down"][1]
     elif recompute == "selective" and not flash_attention:
         again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     else:

@@ -20,6 +20,7 @@ import functools
 from sim import finetune as ftm
 from sim.activations import kv_heads_per_rank
 from sim.compute import Kernel
+from sim.flops import early_stop_skips
 from sim.memory import bytes_per_param, master_bytes, padded_vocab
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
@@ -163,12 +164,14 @@ class LayerKernels:
 
     def _recompute_forward(self) -> tuple[Kernel, ...]:
         """The forward a full recomputation re-runs: all of it, or with early stop (PyTorch >= 2.1
-        non-reentrant checkpoint) everything before the layer's last GEMM: the down projection's input
-        is the last tensor the backward needs, and it is saved before the GEMM runs, so the down
-        projection (its dequantization and adapters too) and the residual add after it are skipped."""
+        non-reentrant checkpoint) everything before what :func:`sim.flops.early_stop_skips` leaves out:
+        the down projection (with its dequantization), its adapters and the residual add; the adapter's B
+        and the residual; or the residual only."""
         if not self.plan.recompute_early_stop:
             return self.forward
-        cut = next(i for i, k in enumerate(self.forward) if k.name.split(".")[0] == "mlp_down")
+        first = {"down": "mlp_down", "lora_b": "lora_down.B", "residual": "residual2"}[
+            early_stop_skips(self.model, self.ft)]
+        cut = next(i for i, k in enumerate(self.forward) if k.name == first or k.name == first + ".dequant")
         return self.forward[:cut]
 
     def recompute(self) -> tuple[Kernel, ...]:

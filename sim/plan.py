@@ -197,7 +197,7 @@ class Plan:
     attention_kernel_arch: str = "native"   # the attention kernels' (see TrainingConfig)
     recompute_early_stop: bool = False       # full recomputation skips each layer's last GEMM (see ParallelismConfig)
     optimizer_impl: str = "fused"            # one pass or one per elementwise op (see TrainingConfig)
-    tp_backward_overlap: bool = False        # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
+    tp_backward_overlap: bool = True         # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
 
     @property

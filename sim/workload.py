@@ -29,6 +29,7 @@ from sim import finetune as ftm
 from sim.activations import embedding_activation_bytes, kv_heads_per_rank, output_activation_bytes
 from sim.compute import Kernel
 from sim.efficiency import framework_rate
+from sim.flops import early_stop_skips
 from sim.kernels import LayerKernels, optimizer_kernels
 from sim.memory import bytes_per_param, extra_logits_bytes, layer_activation_total, layer_params_per_rank, \
     layer_weight_bytes, layerwise_weights, stage_memory
@@ -147,9 +148,9 @@ class _Lowering:
             self.tp_comm_bwd_beside = self.tp_comm
             if plan.sequence_parallel:
                 self.tp_comm_bwd_inline = (Collective("all_gather", "tp", act_bytes, 2),)
-        # an early-stopped recomputation skips the reduction after the layer's last GEMM
+        # an early-stopped recomputation that skips the down projection skips its reduction too
         self.tp_comm_recompute = self.tp_comm
-        if plan.recompute_early_stop and self.tp_comm:
+        if plan.recompute_early_stop and self.tp_comm and early_stop_skips(model, plan.finetune) == "down":
             last = self.tp_comm[-1]
             self.tp_comm_recompute = self.tp_comm[:-1] + (Collective(last.kind, last.group, last.size_bytes,
                                                                      last.count - 1),)

@@ -369,3 +369,22 @@ def test_early_stopped_recomputation_skips_the_down_projection_and_its_all_reduc
     assert len(early_names) == len(names) - 2 * 8 * 2      # 2 microbatches x 8 layers x 2 kernels
     assert recompute_all_reduces(full) == 2 * 8 * 2        # 2 microbatches x 8 layers x 2
     assert recompute_all_reduces(early) == 1 * 8 * 2
+
+
+def test_early_stop_with_a_lora_adapter_on_the_down_projection_skips_only_its_b():
+    # PEFT runs the frozen base GEMM and the adapter's A before B, so B's input is the last tensor saved:
+    # the recomputation re-runs the base down projection and A, and skips B, the add and the residual;
+    # hardware FLOPs drop by B's 2 r h per token and layer (h = the down projection's outputs)
+    from sim.flops import step_flops
+    from sim.kernels import LayerKernels
+    data = {"model": "llama2-7b", "cluster": {"topology": "dgx-a100", "nodes": 1, "gpus": 1},
+            "training": {"seq_len": 1024, "global_batch_size": 1, "micro_batch_size": 1},
+            "parallelism": {"recompute": "full", "recompute_early_stop": True},
+            "finetune": {"method": "lora", "rank": 16, "target_modules": ["q", "k", "v", "o", "gate", "up", "down"]}}
+    sc = scenario_from_mapping(data)
+    names = [k.name for k in LayerKernels(sc.model, sc.plan).recompute_forward]
+    assert names[-2:] == ["mlp_down", "lora_down.A"] and "lora_down.B" not in names and "residual2" not in names
+    m, plan = sc.model, sc.plan
+    full = step_flops(m, tokens=1024, seq_len=1024, recompute="full", finetune=plan.finetune)
+    early = step_flops(m, tokens=1024, seq_len=1024, recompute="full", finetune=plan.finetune, early_stop=True)
+    assert full.hardware_flop - early.hardware_flop == pytest.approx(m.layers * 1024 * 2 * 16 * m.hidden, rel=1e-12)

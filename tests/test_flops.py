@@ -20,12 +20,17 @@ def test_early_stopped_full_recompute_skips_the_mlp_down_projection():
     # PyTorch >= 2.1 non-reentrant checkpoint stops once the down projection's input is rebuilt: per
     # token and layer the recomputation is the forward (24 h^2 + 4 s h) less that GEMM's 2 x 4h x h,
     # i.e. 16 h^2 + 4 s h, so hardware FLOPs = Narayanan's model FLOPs + 16 B s l h^2 (1 + s / (4 h))
-    m = load_model({"base": "gpt3-175b", "vocab": 51200})
+    m = load_model({"base": "gpt3-175b", "vocab": 51200, "dropout": False})
     B, s, l, h, V = 1536, 2048, 96, 12288, 51200
     model = 72 * B * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
     f = step_flops(m, tokens=B * s, seq_len=s, recompute="full", early_stop=True)
     assert f.model_flop == pytest.approx(model, rel=0.01)
     assert f.hardware_flop == pytest.approx(model + 16 * B * s * l * h**2 * (1 + s / (4 * h)), rel=0.01)
+    # with dropout after the MLP its mask, saved after the down projection ran, is the last tensor:
+    # the recomputation skips only the residual add, so the full forward is re-run
+    d = load_model({"base": "gpt3-175b", "vocab": 51200, "dropout": True})
+    full = step_flops(d, tokens=B * s, seq_len=s, recompute="full")
+    assert step_flops(d, tokens=B * s, seq_len=s, recompute="full", early_stop=True).hardware_flop == full.hardware_flop
 
 
 def test_selective_recompute_adds_attention_core_only():
