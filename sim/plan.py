@@ -115,7 +115,8 @@ class ParallelismConfig(Section):
     # PyTorch >= 2.1 non-reentrant torch.utils.checkpoint (FSDP / Composer, torchtitan) stops a layer's
     # recomputation as soon as the last tensor its backward needs is rebuilt ("early stop", on by
     # default): the input of the layer's last GEMM (the MLP down projection) is saved before that GEMM
-    # runs, so it, its TP reduction and the residual add after it are not re-run (sim/kernels.py)
+    # runs, so it, its TP reduction and the residual add after it are not re-run (less with dropout
+    # after the MLP or a LoRA adapter on the projection: sim.flops.early_stop_skips)
     recompute_early_stop: bool = Field(default=False, strict=True,
                                        description="full recomputation stops before each layer's last GEMM "
                                                    "(PyTorch >= 2.1 non-reentrant checkpoint)")
