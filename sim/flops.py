@@ -87,7 +87,7 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
                early_stop: bool = False) -> StepFlops:
     """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``. With flash attention
     selective recomputation has nothing to recompute (the scores are never stored); ``early_stop``: a
-    full recomputation does not re-run each layer's MLP down projection (and its adapters)."""
+    full recomputation leaves out what :func:`early_stop_skips` says."""
     layers_fwd = model.layers * layer_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     logits_fwd = logits_forward_flops_per_token(model) * tokens
     adapters_fwd = adapter_forward_flops_per_token(model, finetune) * tokens
@@ -99,7 +99,7 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
         backward = 2.0 * forward
     if recompute == "full":
         again = layers_fwd + adapters_fwd
-        skipped = early_stop_skips(model, finetune) if early_stop else "residual"
+        skipped = early_stop_skips(model, finetune) if early_stop else None
         if skipped == "down":
             again -= model.layers * tokens * 2.0 * model.ffn_hidden * model.hidden
         elif skipped == "lora_b":       # B: rank -> the down projection's outputs

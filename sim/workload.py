@@ -204,6 +204,14 @@ class _Lowering:
             self._repeats[key] = (kernels, kernels * n)
         return self._repeats[key][1]
 
+    @staticmethod
+    def _in_line(prog: Program, name: str, dep: int, comms: tuple[Collective, ...], layers: int) -> int:
+        """``comms`` (each ``layers`` times) one after the other on the tp stream after op ``dep``."""
+        for c in comms:
+            col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+            dep = prog.add("tp", f"{name}.{c.kind}", "comm", (dep,), collective=col)
+        return dep
+
     def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1, first: int | None = None) -> int:
         """The TP collectives of the pass whose (last) compute op is ``dep``: after it, on the critical
         path; with TP-comm overlap beside it from the start of its first op ``first``, with only the
@@ -226,17 +234,10 @@ class _Lowering:
                 deps, wait = (beside,), None
             if not self.tp_comm_bwd_inline:
                 return prog.add("tp", f"{name}.tp_join", "comm", (dep, beside))
-            last = dep
-            for c in self.tp_comm_bwd_inline:   # on the tp stream after (so also waiting for) the ones beside
-                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
-                last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
-            return last
+            # on the tp stream after (so also waiting for) the ones beside
+            return self._in_line(prog, name, dep, self.tp_comm_bwd_inline, layers)
         if not userbuffers:
-            last = dep
-            for c in comms:
-                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
-                last = prog.add("tp", f"{name}.{c.kind}", "comm", (last,), collective=col)
-            return last
+            return self._in_line(prog, name, dep, comms, layers)
         start = prog.ops[dep if first is None else first]
         forward = start.phase != "backward"
         tail = 1.0 / TP_OVERLAP_SPLITS if forward else 0.0
