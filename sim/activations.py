@@ -9,6 +9,11 @@ log-sum-exp per head and row instead), tensor parallelism t (the tensors inside 
 MLP blocks are split t ways; norms, block inputs and dropout masks only with sequence
 parallelism), context parallelism (the sequence is split cp ways) and recomputation (selective
 drops the s x s tensors; full keeps only each layer's input).
+
+That accounting is of fused layer implementations (Megatron-LM, Transformer Engine). Layers written
+as eager PyTorch modules save more (:func:`eager_layer_parts`, ``memory.saved_tensors``): what
+autograd keeps for each op, read off the op's backward formula, for plain PyTorch modules and for
+Hugging Face transformers' Llama layers with PEFT LoRA adapters.
 """
 from __future__ import annotations
 
@@ -56,6 +61,57 @@ def layer_activation_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, 
     elif recompute != "selective":   # softmax output (+ dropout mask and dropout output)
         per_score = e + (MASK_BYTES + e if model.dropout else 0)
         parts["attention_scores"] = per_score * heads_local * s * seq_len * b
+    return parts
+
+
+SAVED_TENSORS = ("fused", "torch", "huggingface")
+
+
+def eager_layer_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: int = 1, cp: int = 1,
+                      impl: str = "torch", trainable: bool = True, dtype_bytes: int = 2) -> dict[str, float]:
+    """Bytes one layer of an eager PyTorch implementation keeps for one microbatch (no recomputation),
+    by tensor group; each tensor is counted once however many ops save it, and a view keeps its whole
+    base tensor alive. ``trainable=False``: frozen linear and norm weights (LoRA), whose ops keep no
+    input, since the backward needs the input only for the weight's gradient.
+
+    ``torch`` (plain modules: ``nn.RMSNorm``, one QKV ``nn.Linear``, RoPE as ``x * cos +
+    rotate_half(x) * sin``, ``F.scaled_dot_product_attention``, gate and up in one ``nn.Linear``,
+    ``F.silu(gate) * up``): the norms' inputs (the fused RMSNorm saves its input and an fp32 rstd);
+    the QKV output, which V's view keeps whole; RoPE's new Q and K; SDPA's output and log-sum-exp; the
+    contiguous copy of the attention output that the output projection saves; the gate|up output
+    (kept whole by its views), SiLU's output and the product that the down projection saves.
+
+    ``huggingface`` (transformers' ``LlamaDecoderLayer`` with SDPA): ``LlamaRMSNorm`` upcasts its input
+    to fp32, which ``pow`` and the multiply by rstd save (4 bytes per value), plus the 16-bit normalized
+    value when the norm's weight trains; Q, K, V come from separate GEMMs and RoPE makes new Q and K, so
+    SDPA keeps RoPE's Q and K and the V output; the MLP keeps gate, SiLU(gate) and up, and the product
+    when the down projection trains. Adapters: :func:`sim.memory.adapter_activation_bytes`.
+    """
+    if impl not in ("torch", "huggingface"):
+        raise ValueError(f"eager_layer_parts: impl {impl!r} is not one of torch, huggingface")
+    sb = seq_len / cp * micro_batch
+    e, h = dtype_bytes, model.hidden
+    q, kv = model.q_width / tp, kv_heads_per_rank(model, tp) * model.d_head
+    f = model.ffn_hidden / tp
+    branches = 2 if model.ffn_kind == "swiglu" else 1
+    parts: dict[str, float] = {}
+    if impl == "torch":
+        parts["norm_inputs"] = 2 * e * sb * h
+        parts["qkv"] = e * sb * (q + 2 * kv)                 # the fused QKV output, whole
+        parts["rope_outputs"] = e * sb * (q + kv)
+    else:
+        parts["norm_inputs"] = 2 * 4 * sb * h                # fp32 copies
+        if trainable:
+            parts["norm_outputs"] = 2 * e * sb * h           # saved by weight * x for the weight's gradient
+        parts["qkv"] = e * sb * (q + 2 * kv)                 # RoPE's Q and K, and V
+    if trainable:
+        parts["block_inputs"] = 2 * e * sb * h               # inputs of the QKV and first MLP GEMMs
+        parts["projection_inputs"] = e * sb * (q + f)        # contiguous attention output; MLP product
+    parts["attention_output"] = e * sb * q
+    parts["softmax_lse"] = LSE_BYTES * model.heads / tp * sb
+    # SwiGLU: gate and up outputs and SiLU(gate); GeLU: the activation's input (its output is the
+    # second GEMM's input, counted above when that GEMM trains)
+    parts["mlp"] = e * sb * f * (2 * branches - 1)
     return parts
 
 

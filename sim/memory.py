@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -85,6 +86,10 @@ class MemoryConfig(Section):
     # LlamaForCausalLM: `logits = logits.float()` is returned with the output (1), CrossEntropyLoss
     # saves its fp32 log-softmax (2), and the backward holds the fp32 gradients of both (3, 4): 4.
     logits_copies: float = Field(default=1.0, ge=1, le=16)
+    # Which tensors the layer implementation saves for the backward (sim.activations): fused layers
+    # (Megatron-LM, Transformer Engine; Korthikanti et al. 2022), plain PyTorch modules (torch), or
+    # Hugging Face transformers' Llama layers with PEFT adapters (huggingface).
+    saved_tensors: Literal["fused", "torch", "huggingface"] = "fused"
 
     @field_validator("cuda_context_bytes", "nccl_buffer_bytes_per_group", "workspace_bytes", mode="before")
     @classmethod
@@ -331,22 +336,48 @@ def layer_passes_in_flight(plan: Plan, stage: int) -> float:
     return float(peak)
 
 
-def adapter_activation_bytes(model: ModelSpec, plan: Plan) -> float:
-    """LoRA, per layer and microbatch: the r-wide output x A of every adapter, kept for B's weight
-    gradient (the input x is the base GEMM's input, already counted; lora_dropout 0 assumed)."""
+def adapter_activation_bytes(model: ModelSpec, plan: Plan, saved_tensors: str = "fused") -> float:
+    """LoRA, per layer and microbatch (lora_dropout 0 assumed).
+
+    fused: the r-wide output x A of every adapter, kept for B's weight gradient (the input x is the
+    base GEMM's input, already counted). Eager layers with PEFT adapters: the frozen base GEMM keeps
+    no input, the adapter's A does: PEFT casts x to the adapter dtype first (``_cast_input_dtype``),
+    a copy per adapted linear when the dtypes differ (fp32 adapters on 16-bit activations), else x
+    itself, once per distinct input (q, k, v share one, gate and up another); and A's output, in the
+    adapter dtype, for B."""
     ft = plan.finetune
     if not ft.adapters:
         return 0.0
-    return len(ft.targets) * plan.seq_len / plan.cp * plan.micro_batch_size * ft.rank * plan.tensor_bytes
+    tokens = plan.seq_len / plan.cp * plan.micro_batch_size
+    if saved_tensors == "fused":
+        return len(ft.targets) * tokens * ft.rank * plan.tensor_bytes
+    adapter = DTYPE_BYTES[ft.adapter_dtype or ("fp32" if plan.precision == "fp32" else "bf16")]
+    shapes = ftm.linear_shapes(model, plan.tp)
+    if adapter != plan.tensor_bytes:
+        inputs = math.fsum(shapes[t][0] * adapter for t in ft.targets)
+    else:
+        shared = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
+        distinct = {shared.get(t, t): shapes[t][0] for t in ft.targets}
+        inputs = math.fsum(distinct.values()) * adapter
+    return tokens * (inputs + len(ft.targets) * ft.rank * adapter)
 
 
-def layer_activation_total(model: ModelSpec, plan: Plan, recompute: str) -> float:
-    """Bytes one layer keeps for one microbatch under ``recompute`` (adapters' tensors included)."""
-    shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
-                 sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-    stored = act.layer_activation_bytes(model, **shape, recompute=recompute, flash_attention=plan.flash_attention,
-                                        dtype_bytes=plan.tensor_bytes)
-    return stored + (adapter_activation_bytes(model, plan) if recompute != "full" else 0.0)
+def layer_activation_total(model: ModelSpec, plan: Plan, recompute: str, saved_tensors: str = "fused") -> float:
+    """Bytes one layer keeps for one microbatch under ``recompute`` (adapters' tensors included), with
+    the tensors that ``saved_tensors`` (``memory.saved_tensors``) says the implementation saves."""
+    shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp, cp=plan.cp)
+    if saved_tensors == "fused" or recompute == "full":
+        stored = act.layer_activation_bytes(model, **shape, sequence_parallel=plan.sequence_parallel,
+                                            recompute=recompute, flash_attention=plan.flash_attention,
+                                            dtype_bytes=plan.tensor_bytes)
+    else:
+        if recompute != "none" or not plan.flash_attention:
+            raise ValueError(f"saved_tensors {saved_tensors!r} is modelled with flash attention and "
+                             "recompute none or full")
+        stored = math.fsum(act.eager_layer_parts(model, **shape, impl=saved_tensors,
+                                                 trainable=not plan.finetune.adapters,
+                                                 dtype_bytes=plan.tensor_bytes).values())
+    return stored + (adapter_activation_bytes(model, plan, saved_tensors) if recompute != "full" else 0.0)
 
 
 def extra_logits_bytes(model: ModelSpec, plan: Plan, config: "MemoryConfig") -> float:
@@ -363,7 +394,8 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
     e = plan.tensor_bytes
     shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                  sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-    per_layer = layer_activation_total(model, plan, plan.recompute)
+    impl = config.saved_tensors
+    per_layer = layer_activation_total(model, plan, plan.recompute, impl)
     in_flight = microbatches_in_flight(plan, stage)
     parts = {"layers": per_layer * layer_passes_in_flight(plan, stage)}
     if stage == 0:
@@ -377,7 +409,7 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
             parts["logits_copies"] = extra_logits_bytes(model, plan, config) * logits
     if plan.recompute != "none" and plan.stage_layers(stage):
         # the backward of one layer rebuilds what recomputation dropped: one layer's tensors at a time
-        parts["recompute_workspace"] = layer_activation_total(model, plan, "none") - per_layer
+        parts["recompute_workspace"] = layer_activation_total(model, plan, "none", impl) - per_layer
     return parts
 
 

@@ -54,6 +54,9 @@ def run_cli(args, capsys):
      "training.attention_kernel_arch", "expected native"),
     (lambda d: d["training"].update(optimizer="adamw-8bit", optimizer_impl="unfused"), "training.optimizer_impl",
      "expected fused"),
+    (lambda d: d.update(memory={"saved_tensors": "huggingface"}) or d["parallelism"].update(recompute="selective"),
+     "memory.saved_tensors", "expected fused"),
+    (lambda d: d.update(memory={"saved_tensors": "jax"}), "memory.saved_tensors", "fused"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragment):
     data = copy.deepcopy(VALID)
