@@ -64,15 +64,12 @@ def layer_activation_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, 
     return parts
 
 
-SAVED_TENSORS = ("fused", "torch", "huggingface")
-
-
 def eager_layer_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: int = 1, cp: int = 1,
                       impl: str = "torch", trainable: bool = True, dtype_bytes: int = 2) -> dict[str, float]:
     """Bytes one layer of an eager PyTorch implementation keeps for one microbatch (no recomputation),
     by tensor group; each tensor is counted once however many ops save it, and a view keeps its whole
-    base tensor alive. ``trainable=False``: frozen linear and norm weights (LoRA), whose ops keep no
-    input, since the backward needs the input only for the weight's gradient.
+    base tensor alive. ``trainable=False``: frozen 16-bit linear and norm weights (LoRA), whose ops keep
+    no input, since the backward needs the input only for the weight's gradient.
 
     ``torch`` (plain modules: ``nn.RMSNorm``, one QKV ``nn.Linear``, RoPE as ``x * cos +
     rotate_half(x) * sin``, ``F.scaled_dot_product_attention``, gate and up in one ``nn.Linear``,
