@@ -11,7 +11,7 @@ parallelism), context parallelism (the sequence is split cp ways) and recomputat
 drops the s x s tensors; full keeps only each layer's input).
 
 That accounting is of fused layer implementations (Megatron-LM, Transformer Engine). Layers written
-as eager PyTorch modules save more (:func:`eager_layer_parts`, ``memory.saved_tensors``): what
+as eager PyTorch modules save more (:func:`eager_layer_parts`, ``training.implementation``): what
 autograd keeps for each op, read off the op's backward formula, for plain PyTorch modules and for
 Hugging Face transformers' Llama layers with PEFT LoRA adapters.
 """

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -86,10 +85,6 @@ class MemoryConfig(Section):
     # LlamaForCausalLM: `logits = logits.float()` is returned with the output (1), CrossEntropyLoss
     # saves its fp32 log-softmax (2), and the backward holds the fp32 gradients of both (3, 4): 4.
     logits_copies: float = Field(default=1.0, ge=1, le=16)
-    # Which tensors the layer implementation saves for the backward (sim.activations): fused layers
-    # (Megatron-LM, Transformer Engine; Korthikanti et al. 2022), plain PyTorch modules (torch), or
-    # Hugging Face transformers' Llama layers with PEFT adapters (huggingface).
-    saved_tensors: Literal["fused", "torch", "huggingface"] = "fused"
 
     @field_validator("cuda_context_bytes", "nccl_buffer_bytes_per_group", "workspace_bytes", mode="before")
     @classmethod
@@ -336,7 +331,7 @@ def layer_passes_in_flight(plan: Plan, stage: int) -> float:
     return float(peak)
 
 
-def adapter_activation_bytes(model: ModelSpec, plan: Plan, saved_tensors: str = "fused") -> float:
+def adapter_activation_bytes(model: ModelSpec, plan: Plan) -> float:
     """LoRA, per layer and microbatch (lora_dropout 0 assumed).
 
     fused: the r-wide output x A of every adapter, kept for B's weight gradient (the input x is the
@@ -349,7 +344,7 @@ def adapter_activation_bytes(model: ModelSpec, plan: Plan, saved_tensors: str = 
     if not ft.adapters:
         return 0.0
     tokens = plan.seq_len / plan.cp * plan.micro_batch_size
-    if saved_tensors == "fused":
+    if plan.implementation == "fused":
         return len(ft.targets) * tokens * ft.rank * plan.tensor_bytes
     adapter = DTYPE_BYTES[ft.adapter_dtype or ("fp32" if plan.precision == "fp32" else "bf16")]
     shapes = ftm.linear_shapes(model, plan.tp)
@@ -362,22 +357,19 @@ def adapter_activation_bytes(model: ModelSpec, plan: Plan, saved_tensors: str = 
     return tokens * (inputs + len(ft.targets) * ft.rank * adapter)
 
 
-def layer_activation_total(model: ModelSpec, plan: Plan, recompute: str, saved_tensors: str = "fused") -> float:
+def layer_activation_total(model: ModelSpec, plan: Plan, recompute: str) -> float:
     """Bytes one layer keeps for one microbatch under ``recompute`` (adapters' tensors included), with
-    the tensors that ``saved_tensors`` (``memory.saved_tensors``) says the implementation saves."""
+    the tensors that the plan's layer implementation (``training.implementation``) saves."""
     shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp, cp=plan.cp)
-    if saved_tensors == "fused" or recompute == "full":
+    if plan.implementation == "fused" or recompute == "full":
         stored = act.layer_activation_bytes(model, **shape, sequence_parallel=plan.sequence_parallel,
                                             recompute=recompute, flash_attention=plan.flash_attention,
                                             dtype_bytes=plan.tensor_bytes)
-    else:
-        if recompute != "none" or not plan.flash_attention:
-            raise ValueError(f"saved_tensors {saved_tensors!r} is modelled with flash attention and "
-                             "recompute none or full")
-        stored = math.fsum(act.eager_layer_parts(model, **shape, impl=saved_tensors,
+    else:   # resolve_plan allows eager layers with flash attention and recompute none or full only
+        stored = math.fsum(act.eager_layer_parts(model, **shape, impl=plan.implementation,
                                                  trainable=not plan.finetune.adapters,
                                                  dtype_bytes=plan.tensor_bytes).values())
-    return stored + (adapter_activation_bytes(model, plan, saved_tensors) if recompute != "full" else 0.0)
+    return stored + (adapter_activation_bytes(model, plan) if recompute != "full" else 0.0)
 
 
 def extra_logits_bytes(model: ModelSpec, plan: Plan, config: "MemoryConfig") -> float:
@@ -394,8 +386,7 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
     e = plan.tensor_bytes
     shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                  sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-    impl = config.saved_tensors
-    per_layer = layer_activation_total(model, plan, plan.recompute, impl)
+    per_layer = layer_activation_total(model, plan, plan.recompute)
     in_flight = microbatches_in_flight(plan, stage)
     parts = {"layers": per_layer * layer_passes_in_flight(plan, stage)}
     if stage == 0:
@@ -409,7 +400,7 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
             parts["logits_copies"] = extra_logits_bytes(model, plan, config) * logits
     if plan.recompute != "none" and plan.stage_layers(stage):
         # the backward of one layer rebuilds what recomputation dropped: one layer's tensors at a time
-        parts["recompute_workspace"] = layer_activation_total(model, plan, "none", impl) - per_layer
+        parts["recompute_workspace"] = layer_activation_total(model, plan, "none") - per_layer
     return parts
 
 

@@ -43,6 +43,11 @@ class TrainingConfig(Section):
                                      "Engine FusedAdam in Megatron-LM, NeMo and DeepSpeed; torch fused=True); "
                                      "unfused: one pass per elementwise op (torch.optim's foreach or for-loop "
                                      "AdamW and SGD, Composer's DecoupledAdamW)")
+    implementation: Literal["fused", "torch", "huggingface"] = Field(
+        default="fused", description="the layers' implementation: fused kernels (Megatron-LM, Transformer Engine and "
+                                     "the frameworks built like them); plain PyTorch modules run eagerly (torch); "
+                                     "Hugging Face transformers' Llama layers with PEFT adapters (huggingface). It "
+                                     "sets which tensors are saved for the backward and which kernels run")
     grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
     flash_attention: bool = Field(default=True, strict=True)
@@ -198,6 +203,7 @@ class Plan:
     attention_kernel_arch: str = "native"   # the attention kernels' (see TrainingConfig)
     recompute_early_stop: bool = False       # full recomputation skips each layer's last GEMM (see ParallelismConfig)
     optimizer_impl: str = "fused"            # one pass or one per elementwise op (see TrainingConfig)
+    implementation: str = "fused"            # fused | torch | huggingface layers (see TrainingConfig)
     tp_backward_overlap: bool = True         # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
 
@@ -246,6 +252,8 @@ class Plan:
         elif self.tp > 1 and not self.tp_backward_overlap:
             extra.append("no TP backward overlap")
         extra.append(f"recompute {self.recompute}" + (" (early stop)" if self.recompute_early_stop else ""))
+        if self.implementation != "fused":
+            extra.append(f"{self.implementation} layers")
         sched = self.schedule + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
         if self.offload_optimizer or self.offload_params:
             extra.append("offload " + " + ".join(what for what, on in (("optimizer", self.offload_optimizer),
@@ -356,6 +364,15 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                                          f"variants already spill to CPU memory); with offload_optimizer: cpu "
                                          f"expected adamw, sgd, sgd-no-momentum or adafactor")
     ft = resolve_finetune(finetune, model=model, compute_dtype=weight_dtype(precision), gpu=gpu, file=file)
+    if training.implementation != "fused":
+        if par.recompute == "selective" or not training.flash_attention or par.sequence_parallel:
+            raise fail("training.implementation", f"{training.implementation} layers are modelled with "
+                                                  "flash_attention: true, recompute none or full and no sequence "
+                                                  "parallelism; expected fused for this plan")
+        if ft.quantized:
+            raise fail("training.implementation", f"{training.implementation} layers are modelled with a 16-bit "
+                                                  "frozen base (a quantized base's GEMMs keep tensors and run "
+                                                  f"kernels of their own); expected fused with base {ft.base_dtype}")
     return Plan(tp=tp, pp=pp, cp=cp, dp=dp, zero=par.zero, sequence_parallel=par.sequence_parallel,
                 recompute=par.recompute, schedule=par.schedule, virtual_stages=v, seq_len=training.seq_len,
                 global_batch_size=training.global_batch_size, micro_batch_size=training.micro_batch_size,
@@ -364,5 +381,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
                 zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch, attention_kernel_arch=attention_arch,
                 recompute_early_stop=par.recompute_early_stop, tp_backward_overlap=par.tp_backward_overlap and tp > 1,
-                optimizer_impl=training.optimizer_impl,
+                optimizer_impl=training.optimizer_impl, implementation=training.implementation,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1)

@@ -59,7 +59,7 @@ def to_dict(a: Analysis, *, pue: float = DEFAULT_PUE) -> dict[str, Any]:
                  "seq_len": plan.seq_len, "global_batch_size": plan.global_batch_size,
                  "micro_batch_size": plan.micro_batch_size, "microbatches": plan.microbatches,
                  "precision": plan.precision, "optimizer": plan.optimizer, "optimizer_impl": plan.optimizer_impl,
-                 "grad_dtype": plan.grad_dtype,
+                 "implementation": plan.implementation, "grad_dtype": plan.grad_dtype,
                  "flash_attention": plan.flash_attention, "offload_optimizer": plan.offload_optimizer,
                  "offload_params": plan.offload_params},
         "finetune": a.finetune_summary(),

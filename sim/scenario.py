@@ -114,16 +114,6 @@ def scenario_from_mapping(data: Any, *, file: str | None = None, base_dir: Path 
     finetune = validate_section(FinetuneConfig, data.get("finetune"), file=file, prefix="finetune")
     plan = resolve_plan(model, training, parallelism, num_gpus=cluster.num_gpus,
                         gpus_per_node=cluster.gpus_per_node, gpu=cluster.gpu, file=file, finetune=finetune)
-    if memory.saved_tensors != "fused" and (plan.recompute == "selective" or not plan.flash_attention
-                                            or plan.sequence_parallel):
-        raise ScenarioError(f"{memory.saved_tensors!r} layers are modelled with training.flash_attention: true, "
-                            "parallelism.recompute none or full and no sequence parallelism; expected fused "
-                            "for this plan", file=file, key="memory.saved_tensors")
-    if memory.saved_tensors != "fused" and plan.finetune.quantized:
-        raise ScenarioError(f"{memory.saved_tensors!r} layers are modelled with a 16-bit frozen base (a "
-                            "quantized base's GEMMs keep tensors of their own); expected fused with "
-                            f"finetune.base_weight_dtype {plan.finetune.base_dtype}", file=file,
-                            key="memory.saved_tensors")
     if (plan.offload_optimizer or plan.offload_params) and cluster.recipe.host is None:
         key = "parallelism.offload_optimizer" if plan.offload_optimizer else "parallelism.offload_params"
         raise ScenarioError(f"topology {cluster.recipe.name!r} has no host: section (CPU memory and memory "

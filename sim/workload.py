@@ -124,8 +124,8 @@ class _Lowering:
         self.e = plan.tensor_bytes
         shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                      sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-        self.layer_act = layer_activation_total(model, plan, plan.recompute, memory_config.saved_tensors)
-        full = layer_activation_total(model, plan, "none", memory_config.saved_tensors)
+        self.layer_act = layer_activation_total(model, plan, plan.recompute)
+        full = layer_activation_total(model, plan, "none")
         self.recompute_ws = full - self.layer_act if plan.recompute != "none" else 0.0
         self.embed_act = embedding_activation_bytes(model, **shape)
         self.logits_act = output_activation_bytes(model, **shape, dtype_bytes=self.e) \

@@ -1,4 +1,4 @@
-"""Eager layer implementations' saved tensors (memory.saved_tensors), counted by hand from each op's
+"""Eager layer implementations' saved tensors (training.implementation), counted by hand from each op's
 backward formula, and checked against peak memory measured on a real H100 (validation/device/)."""
 import json
 import math
@@ -37,9 +37,9 @@ def test_huggingface_lora_layer_by_hand():
     h, f, r, s = 4096, 11008, 16, 2048
     per_token = 8 * h + 6 * h + 2 * h + 6 * f + 20 * h + 4 * h + 4 * f + 28 * r + LSE_BYTES * 32
     data = {"model": "llama2-7b", "cluster": {"topology": "dgx-h100", "nodes": 1, "gpus": 1},
-            "training": {"seq_len": s, "global_batch_size": 1, "micro_batch_size": 1, "precision": "bf16"},
-            "finetune": {"method": "lora", "rank": r, "target_modules": ["q", "k", "v", "o", "gate", "up", "down"]},
-            "memory": {"saved_tensors": "huggingface"}}
+            "training": {"seq_len": s, "global_batch_size": 1, "micro_batch_size": 1, "precision": "bf16",
+                         "implementation": "huggingface"},
+            "finetune": {"method": "lora", "rank": r, "target_modules": ["q", "k", "v", "o", "gate", "up", "down"]}}
     a = analyze(scenario_from_mapping(data), simulate_step=False)
     assert a.peak.detail["activations.layers"] == pytest.approx(32 * s * per_token, rel=1e-12)
     # 16-bit adapters: no cast; A saves the input itself, once per distinct input (q/k/v, o, gate/up, down)
@@ -74,6 +74,6 @@ def test_peak_memory_matches_h100_measurements_without_recompute():
     assert max(abs(e) for e in errors) < 0.05, errors
     # the fused accounting misses what the eager layers save (the simulator's default is not for them)
     run, data = rows[-1]
-    data = {**data, "memory": {**data["memory"], "saved_tensors": "fused"}}
+    data = {**data, "training": {**data["training"], "implementation": "fused"}}
     fused = analyze(scenario_from_mapping(data), simulate_step=False).peak.total
     assert fused / (run["peak_allocated_bytes"] + context) - 1 < -0.05

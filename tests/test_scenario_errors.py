@@ -54,12 +54,13 @@ def run_cli(args, capsys):
      "training.attention_kernel_arch", "expected native"),
     (lambda d: d["training"].update(optimizer="adamw-8bit", optimizer_impl="unfused"), "training.optimizer_impl",
      "expected fused"),
-    (lambda d: d.update(memory={"saved_tensors": "huggingface"}) or d["parallelism"].update(recompute="selective"),
-     "memory.saved_tensors", "expected fused"),
-    (lambda d: d.update(memory={"saved_tensors": "jax"}), "memory.saved_tensors", "fused"),
-    (lambda d: d.update(memory={"saved_tensors": "torch"}, finetune={"method": "qlora", "base_weight_dtype": "nf4"})
+    (lambda d: d["training"].update(implementation="huggingface") or d["parallelism"].update(recompute="selective"),
+     "training.implementation", "expected fused"),
+    (lambda d: d["training"].update(implementation="jax"), "training.implementation", "fused"),
+    (lambda d: d["training"].update(implementation="torch") or d.update(finetune={"method": "qlora",
+                                                                                  "base_weight_dtype": "nf4"})
      or d["parallelism"].update(sequence_parallel=False, recompute="none"),
-     "memory.saved_tensors", "16-bit frozen base"),
+     "training.implementation", "16-bit frozen base"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(tmp_path, capsys, mutate, key, fragment):
     data = copy.deepcopy(VALID)

@@ -39,15 +39,14 @@ def scenario_of(run: dict) -> dict:
         "cluster": {"topology": "dgx-h100", "nodes": 1, "gpus": 1},
         "training": {"seq_len": run["seq"], "global_batch_size": run["mbs"], "micro_batch_size": run["mbs"],
                      "precision": "bf16", "optimizer": "adamw", "optimizer_impl": "fused", "grad_dtype": "fp32",
-                     "flash_attention": True},
+                     "flash_attention": True, "implementation": "torch"},
         "parallelism": {"tp": 1, "pp": 1, "dp": 1, "zero": 0,
                         "recompute": "full" if run["recompute"] else "none",
                         # torch.utils.checkpoint(use_reentrant=False): early stop on by default since 2.1
                         "recompute_early_stop": bool(run["recompute"])},
-        # plain PyTorch modules (sim.activations.eager_layer_parts); F.cross_entropy on bf16 logits keeps
-        # its bf16 log-probabilities, and its backward their gradient and the logits' gradient: 3 x 2 B
-        # per logit = 1.5 fp32 copies
-        "memory": {"saved_tensors": "torch", "logits_copies": 1.5},
+        # F.cross_entropy on bf16 logits keeps its bf16 log-probabilities, and its backward their gradient
+        # and the logits' gradient: 3 x 2 B per logit = 1.5 fp32 copies
+        "memory": {"logits_copies": 1.5},
     }
 
 
@@ -62,7 +61,8 @@ def hf_scenario_of(run: dict) -> dict:
         "model": run["model"],
         "cluster": {"topology": "dgx-h100", "nodes": 1, "gpus": 1},
         "training": {"seq_len": run["seq"], "global_batch_size": run["mbs"], "micro_batch_size": run["mbs"],
-                     "precision": "bf16", "optimizer": "adamw", "optimizer_impl": "unfused"},
+                     "precision": "bf16", "optimizer": "adamw", "optimizer_impl": "unfused",
+                     "implementation": "huggingface"},
         "parallelism": {"tp": 1, "pp": 1, "dp": 1, "zero": 0, "recompute": "full" if run["checkpointing"] else "none",
                         "recompute_early_stop": bool(run["checkpointing"])},
         "finetune": {"method": "lora", "rank": run["rank"], "alpha": 2 * run["rank"],
@@ -72,7 +72,7 @@ def hf_scenario_of(run: dict) -> dict:
         # backward holds the saved fp32 log-probabilities, their gradient, the fp32 logits' gradient and
         # its bf16 cast: 4 + 4 + 4 + 2 B per logit = 3.5 fp32 copies (the model's bf16 logits are dropped
         # with the outputs, as Trainer.compute_loss does)
-        "memory": {"saved_tensors": "huggingface", "logits_copies": 3.5},
+        "memory": {"logits_copies": 3.5},
     }
 
 
@@ -152,7 +152,7 @@ def report(data_dir: Path) -> str:
               "eager, bf16 weights with fp32 gradient buffers, fp32 master weights and torch's fused AdamW "
               "(Megatron-LM's scheme, 18 B per parameter), SDPA's FlashAttention-2 backend, "
               "`torch.utils.checkpoint(use_reentrant=False)` per block when recomputing; one microbatch per step. "
-              "Scenarios: `memory.saved_tensors: torch`, `logits_copies: 1.5`. Measured peak: PyTorch's peak allocated bytes plus the "
+              "Scenarios: `training.implementation: torch`, `memory.logits_copies: 1.5`. Measured peak: PyTorch's peak allocated bytes plus the "
               "400 MiB CUDA context; the simulator's peak is the report's (a static sum), the replay peak the "
               "step replay's memory timeline.", ""]
     label = lambda run: (f"{run['model']} seq {run['seq']} mbs {run['mbs']}"  # noqa: E731
@@ -165,7 +165,7 @@ def report(data_dir: Path) -> str:
               f"transformers {v['transformers']}, PEFT {v['peft']}, PyTorch {v['torch']}: `LlamaForCausalLM` "
               "(random bf16 weights), SDPA attention (PyTorch's default dispatch on this H100: "
               "cuDNN's flash kernels), PEFT LoRA with fp32 adapters, torch AdamW, gradient checkpointing "
-              "(non-reentrant) on or off. Scenarios: `memory.saved_tensors: huggingface`, `logits_copies: 3.5`.", ""]
+              "(non-reentrant) on or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
     label = lambda run: (f"seq {run['seq']} mbs {run['mbs']} r{run['rank']} on {len(run['targets'])} linears"  # noqa: E731
                          + (" checkpointed" if run["checkpointing"] else ""))
     lines += _run_table(rows, label)
