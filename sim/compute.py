@@ -35,13 +35,16 @@ def compute_dtype(precision: str) -> str:
     return precision
 
 
-def gemm_shape_factor(shape: tuple[float, float, float], sm_count: int | None, eff: GPUEfficiency) -> float:
+def gemm_shape_factor(shape: tuple[float, float, float], sm_count: int | None, eff: GPUEfficiency,
+                      rate_ratio: float = 1.0) -> float:
     """Fraction of the large-GEMM rate a GEMM of this shape reaches: wave quantization (output tiles
     are spread over the SMs in whole waves; the last wave may be partly idle) times the K-loop share
-    of each tile's time (a fixed prologue/epilogue costs as much as ``gemm_k_half`` steps of K).
-    Large square GEMMs (the MAMF measurements the efficiencies come from) score about 0.98."""
+    of each tile's time (a fixed prologue/epilogue costs as much as ``gemm_k_half`` steps of K of a
+    16-bit GEMM). ``rate_ratio``: the dtype's peak over the 16-bit peak; the fixed cost is a time, so
+    it weighs that many times more K steps (fp8: 2x; fp32 on the CUDA cores: ~1/15). Large square
+    GEMMs (the MAMF measurements the efficiencies come from) score about 0.98."""
     m, n, k = shape
-    factor = k / (k + eff.gemm_k_half)
+    factor = k / (k + eff.gemm_k_half * rate_ratio)
     if sm_count:
         tiles = math.ceil(m / eff.gemm_tile[0]) * math.ceil(n / eff.gemm_tile[1])
         factor *= tiles / (math.ceil(tiles / sm_count) * sm_count)
@@ -59,9 +62,11 @@ def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) 
         peak = peak if dtype != "fp32" else gpu.peak("fp32")
         rate = peak * eff.attention
     else:
-        rate = gpu.peak(kernel.dtype or dtype) * eff.gemm
+        peak = gpu.peak(kernel.dtype or dtype)
+        rate = peak * eff.gemm
         if kernel.shape is not None:
-            rate *= gemm_shape_factor(kernel.shape, gpu.sm_count, eff)
+            half = gpu.peak_flops_per_s.get("bf16") or gpu.peak_flops_per_s.get("fp16") or peak
+            rate *= gemm_shape_factor(kernel.shape, gpu.sm_count, eff, peak / half)
     return max(kernel.flop / rate, memory_s) + eff.kernel_launch_s
 
 

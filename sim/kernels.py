@@ -25,8 +25,10 @@ from sim.memory import bytes_per_param, master_bytes, padded_vocab
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
 
-# the fused GEMMs of a block and the linear layers (sim.finetune.TARGET_MODULES) each one computes
-FUSED_LINEARS = {"qkv": ("q", "k", "v"), "out_proj": ("o",), "mlp_up": ("gate", "up"), "mlp_down": ("down",)}
+# the GEMMs of a block and the linear layers (sim.finetune.TARGET_MODULES) each one computes: fused
+# (Megatron-LM, TE; plain PyTorch modules with one QKV and one gate|up Linear) and transformers' own
+FUSED_LINEARS = {"qkv": ("q", "k", "v"), "out_proj": ("o",), "mlp_up": ("gate", "up"), "mlp_down": ("down",),
+                 "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "gate_proj": ("gate",), "up_proj": ("up",)}
 
 FLASH_BACKWARD_FLOP_FACTOR = 2.5   # FlashAttention backward = 5 matmuls vs 2 in the forward (Dao 2023)
 
@@ -38,6 +40,11 @@ def _gemm(name: str, m: float, k: float, n: float, e: float, w: float) -> Kernel
 
 def _mem(name: str, nbytes: float) -> Kernel:
     return Kernel(name, "memory", 0.0, nbytes)
+
+
+def _ops(name: str, nbytes: list[float]) -> list[Kernel]:
+    """Eager elementwise ops, one kernel each (``name.0``, ``name.1``, ...), each moving its bytes."""
+    return [_mem(f"{name}.{i}", b) for i, b in enumerate(nbytes)]
 
 
 def _backward_of(k: Kernel, frozen: bool = False) -> tuple[Kernel, ...]:
@@ -86,6 +93,8 @@ class LayerKernels:
         self.recompute_forward = self._recompute_forward()
 
     def _forward(self) -> tuple[Kernel, ...]:
+        if self.plan.implementation != "fused":
+            return self._eager_forward()
         m, p = self.model, self.plan
         e, w, T, tp, h = self.e, self.w, self.tokens, p.tp, m.hidden
         t_sp = T / tp if p.sequence_parallel else T          # tokens seen by norms and residual adds
@@ -107,6 +116,75 @@ class LayerKernels:
                _mem("residual2", 3 * t_sp * h * e)]
         return tuple(ks)
 
+    def _eager_forward(self) -> tuple[Kernel, ...]:
+        """A layer run as eager PyTorch ops, one kernel per op (``training.implementation``).
+
+        ``torch``: ``nn.RMSNorm`` (one fused kernel), one QKV GEMM, RoPE as ``x * cos + cat(-x2, x1) * sin``
+        on Q and K (a multiply, a negation, a concatenation, a multiply and an add: 10 bytes moved per
+        16-bit value), flash attention, the contiguous copy of the attention output, the output GEMM,
+        a residual add, gate|up in one GEMM, ``F.silu`` and the multiply as two kernels, the down GEMM
+        and a residual add. ``huggingface`` (transformers' ``LlamaRMSNorm``, ``LlamaAttention``,
+        ``LlamaMLP``): each norm upcasts to fp32 and runs ``pow``, ``mean``, ``+ eps``, ``rsqrt``, a
+        multiply, the downcast and the weight's multiply as eight kernels; Q, K, V, gate and up are
+        GEMMs of their own."""
+        m, p = self.model, self.plan
+        e, w, T, tp, h = self.e, self.w, self.tokens, p.tp, m.hidden
+        q = m.q_width / tp
+        kv = kv_heads_per_rank(m, tp) * m.d_head
+        f = m.ffn_hidden / tp
+        hf = p.implementation == "huggingface"
+
+        def norm(name: str) -> list[Kernel]:
+            if not hf:
+                return [_mem(name, 2 * T * h * e)]
+            return _ops(name, [T * h * (e + 4), T * h * 8, T * h * 4, T * 8, T * 8, T * h * 8 + T * 4,
+                               T * h * (4 + e), T * h * 2 * e])
+
+        rope: list[Kernel] = []
+        if m.position == "rope":
+            for name, width in (("rope_q", q), ("rope_k", kv)):
+                rope += _ops(name, [x * T * width * e for x in (2, 1, 2, 2, 3)])
+        if hf:
+            qkv = [_gemm("q_proj", T, h, q, e, w), _gemm("k_proj", T, h, kv, e, w), _gemm("v_proj", T, h, kv, e, w)]
+        else:
+            qkv = [_gemm("qkv", T, h, q + 2 * kv, e, w)]
+        ks = norm("norm1") + qkv + rope + self._attention(T, p.seq_len, q, kv)
+        ks += [_mem("attention_output_copy", 2 * T * q * e), _gemm("out_proj", T, q, h, e, w),
+               _mem("residual1", 3 * T * h * e)]
+        ks += norm("norm2")
+        if m.ffn_kind != "swiglu":
+            ks += [_gemm("mlp_up", T, h, f, e, w), _mem("activation", 2 * T * f * e)]
+        elif hf:
+            ks += [_gemm("gate_proj", T, h, f, e, w), _gemm("up_proj", T, h, f, e, w)]
+        else:
+            ks += [_gemm("mlp_up", T, h, 2 * f, e, w)]
+        if m.ffn_kind == "swiglu":
+            ks += [_mem("activation.silu", 2 * T * f * e), _mem("activation.mul", 3 * T * f * e)]
+        ks += [_gemm("mlp_down", T, f, h, e, w), _mem("residual2", 3 * T * h * e)]
+        return tuple(ks)
+
+    def _adapter(self, target: str, i: float, o: float) -> list[Kernel]:
+        """One LoRA adapter's forward: x A, then (x A) B, scaled and added to the base output. Eager
+        PEFT (``peft.tuners.lora.Linear.forward``) casts x to the adapter dtype first, runs A and B in
+        that dtype (fp32 adapters: on the CUDA cores, not the tensor cores), scales, adds the 16-bit
+        base output into an adapter-dtype result and casts it back: one kernel per op."""
+        T, e, r = self.tokens, self.e, self.ft.rank
+        if self.plan.implementation == "fused":
+            return [_gemm(f"lora_{target}.A", T, i, r, e, e), _gemm(f"lora_{target}.B", T, r, o, e, e),
+                    _mem(f"lora_{target}.add", 3 * T * o * e)]
+        dtype = self.ft.adapter_dtype or self.plan.precision
+        a = DTYPE_BYTES[dtype]
+        cast = a != e
+
+        def gemm(name: str, m: float, k: float, n: float) -> Kernel:
+            return Kernel(name, "gemm", 2.0 * m * k * n, (m * k + k * n + m * n) * a, dtype, (m, n, k))
+        ks = [_mem(f"lora_{target}.cast", T * i * (e + a))] if cast else []
+        ks += [gemm(f"lora_{target}.A", T, i, r), gemm(f"lora_{target}.B", T, r, o),
+               _mem(f"lora_{target}.scale", 2 * T * o * a), _mem(f"lora_{target}.add", T * o * (e + 2 * a))]
+        if cast:
+            ks.append(_mem(f"lora_{target}.cast_back", T * o * (a + e)))
+        return ks
+
     def _with_adapters(self, forward: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
         """LoRA / QLoRA: each fused GEMM preceded by the dequantization of its weights (quantized
         base) and followed by the adapters of its targeted linears."""
@@ -127,9 +205,7 @@ class LayerKernels:
             out.append(k)
             for m in linears:
                 if m in ft.targets:
-                    i, o = shapes[m]
-                    out += [_gemm(f"lora_{m}.A", T, i, r, e, e), _gemm(f"lora_{m}.B", T, r, o, e, e),
-                            _mem(f"lora_{m}.add", 3 * T * o * e)]
+                    out += self._adapter(m, *shapes[m])
         return tuple(out)
 
     def _backward(self, forward: tuple[Kernel, ...]) -> tuple[Kernel, ...]:

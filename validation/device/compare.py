@@ -179,9 +179,10 @@ def report(data_dir: Path) -> str:
         p = r["profile"]
         top = "; ".join(f"{t['name'][:48]} x{t['count']} {1e3 * t['s']:.0f} ms" for t in p["top"][:4])
         lines.append(f"| {name} | {p['kernels']} | {p['kernel_s']:.3f} | {r['step_s']:.3f} | {top} |")
-    lines += ["", "The device is busy for 83-99% of each step (little of it host-bound), so the gaps in "
-              "step time are kernels the simulator does not list: eager elementwise ops and, with PEFT's fp32 "
-              "adapters, dtype casts and fp32 GEMMs on CUDA cores (`sm80_xmma_gemm_f32f32..._ffma`).", ""]
+    lines += ["", "The device is busy for 83-99% of each step (little of it host-bound): the time is in "
+              "kernels, among them eager elementwise ops and, with PEFT's fp32 adapters, dtype casts and fp32 "
+              "GEMMs on the CUDA cores (`sm80_xmma_gemm_f32f32..._ffma`), which `training.implementation` "
+              "lists op by op.", ""]
     # ---- GEMMs
     plateau, g = gemm_rows(load("gemm"))
     errs = [abs(x["predicted_share"] / x["measured_share"] - 1) for x in g]
