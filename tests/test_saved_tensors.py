@@ -58,7 +58,9 @@ def _device_rows():
     data = DEVICE / "h100-2026-11-25"
     plain = json.loads((data / "training.json").read_text())
     hf = json.loads((data / "hf_lora.json").read_text())["runs"]
+    full = json.loads((data / "hf_full.json").read_text())["runs"]
     return ([(r, compare.scenario_of(r)) for r in plain if "error" not in r and not r["recompute"]]
+            + [(r, compare.hf_full_scenario_of(r)) for r in full if not r["checkpointing"]]
             + [(r, compare.hf_scenario_of(r)) for r in hf if not r["checkpointing"]], compare.CONTEXT)
 
 
@@ -66,7 +68,7 @@ def test_peak_memory_matches_h100_measurements_without_recompute():
     """Measured on one H100 (PyTorch 2.11; transformers 5.17 + PEFT 0.21): peak allocated bytes plus
     the CUDA context, against the predicted peak, for every run that keeps all activations."""
     rows, context = _device_rows()
-    assert len(rows) >= 10
+    assert len(rows) >= 13
     errors = []
     for run, data in rows:
         predicted = analyze(scenario_from_mapping(data), simulate_step=False).peak.total

@@ -76,6 +76,15 @@ def hf_scenario_of(run: dict) -> dict:
     }
 
 
+def hf_full_scenario_of(run: dict) -> dict:
+    """A measured full fine-tuning run of transformers' LlamaForCausalLM (measure_hf.py --full): the
+    plain-PyTorch run's scenario with transformers' layers and loss."""
+    data = scenario_of({**run, "recompute": run["checkpointing"]})
+    data["training"]["implementation"] = "huggingface"
+    data["memory"] = {"logits_copies": 3.5}      # transformers 5's ForCausalLMLoss (hf_scenario_of)
+    return data
+
+
 def training_rows(runs: list[dict], make=scenario_of) -> list[dict]:
     """Each run with the simulator's step time, static peak (the report's) and the step replay's peak."""
     out = []
@@ -168,6 +177,14 @@ def report(data_dir: Path) -> str:
               "(non-reentrant) on or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
     label = lambda run: (f"seq {run['seq']} mbs {run['mbs']} r{run['rank']} on {len(run['targets'])} linears"  # noqa: E731
                          + (" checkpointed" if run["checkpointing"] else ""))
+    lines += _run_table(rows, label)
+    full = json.loads((data_dir / "hf_full.json").read_text())
+    rows = training_rows(full["runs"], hf_full_scenario_of)
+    lines += ["## Full fine-tuning with Hugging Face transformers", "",
+              "The plain-PyTorch runs' 1.4B model (h2048-L24) as transformers' `LlamaForCausalLM` (SDPA: cuDNN's "
+              "kernels), with the same Megatron-style mixed precision, gradient checkpointing (non-reentrant) on "
+              "or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
+    label = lambda run: f"seq {run['seq']} mbs {run['mbs']}" + (" checkpointed" if run["checkpointing"] else "")  # noqa: E731
     lines += _run_table(rows, label)
     # ---- profiles: where the device time of an eager step goes
     prof = [(f"plain PyTorch {r['model']} seq {r['seq']} mbs {r['mbs']}", r) for r in load("profile")] + \

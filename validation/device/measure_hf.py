@@ -122,10 +122,67 @@ def lora_run(cfg: dict, steps: int = 5) -> dict:
     return row
 
 
+def full_run(cfg: dict, steps: int = 5) -> dict:
+    """Full fine-tuning of a transformers LlamaForCausalLM with Megatron-LM's mixed precision (bf16
+    weights, fp32 gradient buffers, fp32 master weights and fused AdamW: measure_h100.py's
+    MixedPrecisionAdam), so that only the layers' saved tensors differ from the plain-PyTorch runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from measure_h100 import MixedPrecisionAdam
+    row = dict(cfg)
+    torch.manual_seed(0)
+    try:
+        config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"], num_hidden_layers=cfg["layers"],
+                             num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
+                             vocab_size=cfg["vocab"], max_position_embeddings=cfg["seq"], rms_norm_eps=1e-5,
+                             tie_word_embeddings=False)
+        config._attn_implementation = "sdpa"
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(DEV):
+            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+        if cfg["checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+        opt = MixedPrecisionAdam(model)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        b, s = cfg["mbs"], cfg["seq"]
+        ids = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
+        times = []
+        for i in range(steps):
+            if i == 2:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            z.record()
+            z.synchronize()
+            if i >= 2:
+                times.append(a.elapsed_time(z) / 1e3)
+            del loss
+        row.update({"step_s": statistics.median(times), "step_s_all": times,
+                    "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved()})
+        del model, opt, ids
+    except torch.OutOfMemoryError as exc:
+        row["error"] = "OOM: " + str(exc)[:160]
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = repr(exc)[:300] + traceback.format_exc()[-600:]
+    torch.set_default_dtype(torch.float32)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", action="store_true", help="only profile one step of two runs")
+    ap.add_argument("--full", action="store_true", help="only full fine-tuning runs (hf_full.json)")
     args = ap.parse_args()
     import peft
     import transformers
@@ -137,6 +194,17 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         result["sdpa_default"] = {"error": repr(exc)}
     print(result, flush=True)
+    if args.full:
+        h2048 = {"model": "h2048-L24", "hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
+        result["runs"] = []
+        for mbs, ckpt in ((2, False), (4, False), (8, False), (8, True), (16, True)):
+            row = full_run({**h2048, "seq": 2048, "mbs": mbs, "checkpointing": ckpt})
+            result["runs"].append(row)
+            print({k: row.get(k) for k in ("mbs", "checkpointing", "step_s", "peak_allocated_bytes", "error")},
+                  flush=True)
+            with open(os.path.join(args.out, "hf_full.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        return
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     runs = [{"seq": 2048, "mbs": 1, "rank": 16, "targets": all_linear, "checkpointing": True},
             {"seq": 2048, "mbs": 4, "rank": 16, "targets": all_linear, "checkpointing": True},
