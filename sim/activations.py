@@ -74,7 +74,8 @@ def eager_layer_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: i
     ``torch`` (plain modules: ``nn.RMSNorm``, one QKV ``nn.Linear``, RoPE as ``x * cos +
     rotate_half(x) * sin``, ``F.scaled_dot_product_attention``, gate and up in one ``nn.Linear``,
     ``F.silu(gate) * up``): the norms' inputs (the fused RMSNorm saves its input and an fp32 rstd);
-    the QKV output, which V's view keeps whole; RoPE's new Q and K; SDPA's output and log-sum-exp; the
+    the QKV output, which V's view keeps whole; RoPE's new Q and K (with RoPE); SDPA's output and
+    log-sum-exp; the
     contiguous copy of the attention output that the output projection saves; the gate|up output
     (kept whole by its views), SiLU's output and the product that the down projection saves.
 
@@ -95,7 +96,8 @@ def eager_layer_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: i
     if impl == "torch":
         parts["norm_inputs"] = 2 * e * sb * h
         parts["qkv"] = e * sb * (q + 2 * kv)                 # the fused QKV output, whole
-        parts["rope_outputs"] = e * sb * (q + kv)
+        if model.position == "rope":
+            parts["rope_outputs"] = e * sb * (q + kv)
     else:
         parts["norm_inputs"] = 2 * 4 * sb * h                # fp32 copies
         if trainable:

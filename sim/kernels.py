@@ -192,7 +192,7 @@ class LayerKernels:
         if not ft.adapters:
             return forward
         shapes = ftm.linear_shapes(self.model, self.plan.tp)
-        T, e, r = self.tokens, self.e, ft.rank
+        e = self.e
         out: list[Kernel] = []
         for k in forward:
             linears = FUSED_LINEARS.get(k.name, ())
