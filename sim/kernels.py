@@ -16,6 +16,7 @@ no backward at all; a quantized base weight is dequantized to 16-bit before each
 from __future__ import annotations
 
 import functools
+import math
 
 from sim import finetune as ftm
 from sim.activations import kv_heads_per_rank
@@ -31,6 +32,7 @@ FUSED_LINEARS = {"qkv": ("q", "k", "v"), "out_proj": ("o",), "mlp_up": ("gate", 
                  "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "gate_proj": ("gate",), "up_proj": ("up",)}
 
 FLASH_BACKWARD_FLOP_FACTOR = 2.5   # FlashAttention backward = 5 matmuls vs 2 in the forward (Dao 2023)
+FLASH_HEAD_DIM_STEP = 32           # head dims FlashAttention-2 compiles kernels for: 32, 64, ..., 256
 
 
 
@@ -229,7 +231,14 @@ class LayerKernels:
         dropout (read, write, 1-byte mask), as Korthikanti et al. 2022 §4.1 lists them."""
         e = self.e
         if self.plan.flash_attention:
-            return [Kernel("attention", "attention", 4.0 * T * s_keys * q / 2, T * (2 * q + 2 * kv) * e)]
+            # flash-attention kernels are compiled for head dims in steps of 32 (FlashAttention-2's hdim
+            # 32, 64, ..., 256; Triton kernels round up to a power of two, the same for every head dim
+            # up to 128 but 96): another head dim runs the next kernel up, with its work (on an H100,
+            # head dim 112 takes 1.04x as long as 128 in FlashAttention-2 and 0.94-0.99x in cuDNN,
+            # validation/device/)
+            d = self.model.d_head
+            padded = math.ceil(d / FLASH_HEAD_DIM_STEP) * FLASH_HEAD_DIM_STEP
+            return [Kernel("attention", "attention", 4.0 * T * s_keys * q / 2 * padded / d, T * (2 * q + 2 * kv) * e)]
         heads = q / self.model.d_head
         scores = heads * T * s_keys                      # elements of the score matrix on this rank
         passes = 2 * e + (2 * e + 1 if self.model.dropout else 0)

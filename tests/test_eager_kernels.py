@@ -79,3 +79,18 @@ def test_k_half_scales_with_the_dtype_rate():
     shape = (1 << 20, 256 * gpu.sm_count, 1024)      # whole waves: only the K term differs
     assert gemm_shape_factor(shape, gpu.sm_count, eff) == pytest.approx(1024 / (1024 + eff.gemm_k_half))
     assert gemm_shape_factor(shape, gpu.sm_count, eff, 2.0) == pytest.approx(1024 / (1024 + 2 * eff.gemm_k_half))
+
+
+def test_flash_attention_runs_the_next_compiled_head_dim():
+    # MPT-30B: hidden 7168, 64 heads -> head dim 112, which runs FlashAttention-2's 128 kernel
+    model = {"name": "d112", "layers": 2, "hidden": 7168, "heads": 64, "ffn_hidden": 28672, "vocab": 50432,
+             "max_seq_len": 8192}
+    data = {"model": model, "cluster": {"topology": "dgx-h100", "nodes": 1, "gpus": 1},
+            "training": {"seq_len": 8192, "global_batch_size": 1, "micro_batch_size": 1, "precision": "bf16"}}
+    sc = scenario_from_mapping(data)
+    attention = next(k for k in LayerKernels(sc.model, sc.plan).forward if k.kind == "attention")
+    assert attention.flop == pytest.approx(4.0 * 8192 * 8192 * 7168 / 2 * 128 / 112)
+    model["hidden"] = 8192                            # head dim 128: no padding
+    sc = scenario_from_mapping(data)
+    attention = next(k for k in LayerKernels(sc.model, sc.plan).forward if k.kind == "attention")
+    assert attention.flop == pytest.approx(4.0 * 8192 * 8192 * 8192 / 2)

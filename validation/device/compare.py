@@ -243,6 +243,13 @@ def report(data_dir: Path) -> str:
     eff = gpu_efficiency(get_gpu("h100-sxm"), "bf16")
     lines += ["", f"The simulator's Hopper attention efficiency: {eff.attention:.2f} of peak "
               "(FlashAttention-2 on H100, efficiency.yaml).", ""]
+    hd = {(r["backend"], r["head_dim"], r["seq"]): r["fwd_bwd_s"] for r in load("head_dim") if "error" not in r}
+    lines += ["Head dimension (64 heads, 16k tokens, forward + backward time over head dim 128's; FLOPs scale "
+              "with the head dim): " + "; ".join(
+                  f"{b} " + ", ".join(f"d {d}: " + "/".join(f"{hd[(b, d, s)] / hd[(b, 128, s)]:.2f}" for s in (2048, 4096, 8192))
+                                      for d in (64, 96, 112))
+                  for b in ("flash", "cudnn")) + " (at 2k/4k/8k tokens). FlashAttention-2 runs head dim 112 "
+              "on its 128 kernel; the simulator pads head dims to the next multiple of 32 (sim/kernels.py).", ""]
     # ---- bandwidth and launches
     bw = load("bandwidth")
     lines += ["## DRAM bandwidth and per-kernel gaps", "",

@@ -162,6 +162,35 @@ def attention_part() -> list[dict]:
     return rows
 
 
+def head_dim_part() -> list[dict]:
+    """Attention rate by head dimension (MPT-30B's 112 among them) at 2k-8k tokens, 64 heads of
+    batch x seq = 16k tokens: does a head dimension that is not a power of two cost more than its
+    FLOPs, and more at long sequences?"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for d in (64, 96, 112, 128):
+        for seq in (2048, 4096, 8192):
+            batch = 16384 // seq
+            for name, backend in {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                                  "efficient": SDPBackend.EFFICIENT_ATTENTION}.items():
+                row = {"seq": seq, "head_dim": d, "heads": 64, "batch": batch, "backend": name}
+                try:
+                    q, k, v = (torch.randn(batch, 64, seq, d, device=DEV, dtype=BF16, requires_grad=True)
+                               for _ in range(3))
+                    g = torch.randn(batch, 64, seq, d, device=DEV, dtype=BF16)
+                    with sdpa_kernel([backend]):
+                        def fwd_bwd():
+                            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                            torch.autograd.grad(o, (q, k, v), g)
+                        t = bench(fwd_bwd)
+                    row.update({"fwd_bwd_s": t, "fwd_bwd_flop_per_s": 3.5 * 4.0 * batch * 64 * seq * seq * d / 2 / t})
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = repr(exc)[:200]
+                rows.append(row)
+                torch.cuda.empty_cache()
+    return rows
+
+
 # --------------------------------------------------------------------------- bandwidth and launches
 def bandwidth_part() -> list[dict]:
     rows = []
@@ -417,7 +446,8 @@ def main() -> None:
     ap.add_argument("--parts", default="env,bandwidth,launch,attention,gemm,training")
     args = ap.parse_args()
     parts = {"env": env_info, "bandwidth": bandwidth_part, "launch": launch_part,
-             "attention": attention_part, "gemm": gemm_part, "training": training_part, "profile": profile_part}
+             "attention": attention_part, "gemm": gemm_part, "training": training_part, "profile": profile_part,
+             "head_dim": head_dim_part}
     for name in args.parts.split(","):
         t0 = time.perf_counter()
         try:
