@@ -186,6 +186,15 @@ def report(data_dir: Path) -> str:
               "or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
     label = lambda run: f"seq {run['seq']} mbs {run['mbs']}" + (" checkpointed" if run["checkpointing"] else "")  # noqa: E731
     lines += _run_table(rows, label)
+    ratios: dict[bool, list[float]] = {False: [], True: []}
+    for run in load("training") + hf["runs"] + full["runs"]:
+        if "error" not in run:
+            ratios[bool(run.get("recompute", run.get("checkpointing")))].append(
+                run["peak_reserved_bytes"] / run["peak_allocated_bytes"])
+    lines += ["PyTorch's caching allocator at the peak, reserved over allocated bytes (what the simulator's "
+              "`memory.fragmentation` would add): " + "; ".join(
+                  f"{'with' if ck else 'without'} checkpointing median {statistics.median(v):.3f} "
+                  f"({min(v):.3f}-{max(v):.3f}, {len(v)} runs)" for ck, v in ratios.items()) + ".", ""]
     # ---- profiles: where the device time of an eager step goes
     prof = [(f"plain PyTorch {r['model']} seq {r['seq']} mbs {r['mbs']}", r) for r in load("profile")] + \
         [(f"HF + PEFT LoRA r{r['rank']} seq {r['seq']} mbs {r['mbs']}" + (" checkpointed" if r["checkpointing"] else ""), r)
