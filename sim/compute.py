@@ -51,6 +51,11 @@ def gemm_shape_factor(shape: tuple[float, float, float], sm_count: int | None, e
     return factor
 
 
+def _peak_16bit(gpu: GPUSpec, fallback: float) -> float:
+    """The GPU's 16-bit tensor peak (bf16, else fp16), ``fallback`` when it has neither."""
+    return gpu.peak_flops_per_s.get("bf16") or gpu.peak_flops_per_s.get("fp16") or fallback
+
+
 def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) -> float:
     """Roofline time of ``kernel`` on ``gpu`` computing in ``dtype``."""
     memory_s = kernel.bytes / (gpu.memory_bandwidth_bytes_per_s * eff.memory)
@@ -58,15 +63,13 @@ def kernel_time_s(kernel: Kernel, gpu: GPUSpec, eff: GPUEfficiency, dtype: str) 
         return memory_s + eff.kernel_launch_s
     if kernel.kind == "attention":
         # flash attention runs in 16-bit even in fp8 recipes (Transformer Engine default)
-        peak = gpu.peak_flops_per_s.get("bf16") or gpu.peak_flops_per_s.get("fp16") or gpu.peak(dtype)
-        peak = peak if dtype != "fp32" else gpu.peak("fp32")
+        peak = gpu.peak("fp32") if dtype == "fp32" else _peak_16bit(gpu, gpu.peak(dtype))
         rate = peak * eff.attention
     else:
         peak = gpu.peak(kernel.dtype or dtype)
         rate = peak * eff.gemm
         if kernel.shape is not None:
-            half = gpu.peak_flops_per_s.get("bf16") or gpu.peak_flops_per_s.get("fp16") or peak
-            rate *= gemm_shape_factor(kernel.shape, gpu.sm_count, eff, peak / half)
+            rate *= gemm_shape_factor(kernel.shape, gpu.sm_count, eff, peak / _peak_16bit(gpu, peak))
     return max(kernel.flop / rate, memory_s) + eff.kernel_launch_s
 
 

@@ -174,7 +174,7 @@ class LayerKernels:
         if self.plan.implementation == "fused":
             return [_gemm(f"lora_{target}.A", T, i, r, e, e), _gemm(f"lora_{target}.B", T, r, o, e, e),
                     _mem(f"lora_{target}.add", 3 * T * o * e)]
-        dtype = self.ft.adapter_dtype or self.plan.precision
+        dtype = self.ft.adapter_dtype
         a = DTYPE_BYTES[dtype]
         cast = a != e
 

@@ -346,7 +346,7 @@ def adapter_activation_bytes(model: ModelSpec, plan: Plan) -> float:
     tokens = plan.seq_len / plan.cp * plan.micro_batch_size
     if plan.implementation == "fused":
         return len(ft.targets) * tokens * ft.rank * plan.tensor_bytes
-    adapter = DTYPE_BYTES[ft.adapter_dtype or ("fp32" if plan.precision == "fp32" else "bf16")]
+    adapter = DTYPE_BYTES[ft.adapter_dtype]
     shapes = ftm.linear_shapes(model, plan.tp)
     if adapter != plan.tensor_bytes:
         inputs = math.fsum(shapes[t][0] * adapter for t in ft.targets)

@@ -212,6 +212,16 @@ class _Lowering:
             dep = prog.add("tp", f"{name}.{c.kind}", "comm", (dep,), collective=col)
         return dep
 
+    @staticmethod
+    def _beside(prog: Program, name: str, start: Op, cols: list[Collective], suffix: str) -> int:
+        """``cols`` one after the other on the tp stream, the first starting with the pass whose first
+        compute op is ``start`` (its dependencies and wait), so beside its kernels; the last one's op."""
+        deps, wait = start.deps, start.wait
+        for col in cols:
+            op = prog.add("tp", f"{name}.{col.kind}.{suffix}", "comm", deps, collective=col, wait=wait)
+            deps, wait = (op,), None
+        return op
+
     def tp_ops(self, prog: Program, name: str, dep: int, layers: int = 1, first: int | None = None) -> int:
         """The TP collectives of the pass whose (last) compute op is ``dep``: after it, on the critical
         path; with TP-comm overlap beside it from the start of its first op ``first``, with only the
@@ -225,28 +235,20 @@ class _Lowering:
         phase = prog.ops[dep].phase
         comms = self.tp_comm_recompute if phase == "recompute" else self.tp_comm
         userbuffers = self.plan.tp_comm_overlap and self.plan.sequence_parallel
+        start = prog.ops[dep if first is None else first]
         if not userbuffers and phase == "backward" and self.tp_comm_bwd_beside:
-            start = prog.ops[dep if first is None else first]
-            deps, wait = start.deps, start.wait          # beside the gradient GEMMs, from the pass's start
-            for c in self.tp_comm_bwd_beside:
-                col = Collective(c.kind, c.group, c.size_bytes, c.count * layers)
-                beside = prog.add("tp", f"{name}.{c.kind}.async", "comm", deps, collective=col, wait=wait)
-                deps, wait = (beside,), None
+            beside = self._beside(prog, name, start, [Collective(c.kind, c.group, c.size_bytes, c.count * layers)
+                                                      for c in self.tp_comm_bwd_beside], "async")
             if not self.tp_comm_bwd_inline:
                 return prog.add("tp", f"{name}.tp_join", "comm", (dep, beside))
             # on the tp stream after (so also waiting for) the ones beside
             return self._in_line(prog, name, dep, self.tp_comm_bwd_inline, layers)
         if not userbuffers:
             return self._in_line(prog, name, dep, comms, layers)
-        start = prog.ops[dep if first is None else first]
-        forward = start.phase != "backward"
-        tail = 1.0 / TP_OVERLAP_SPLITS if forward else 0.0
-        deps, wait = start.deps, start.wait          # the first collective starts with the pass
-        for c in comms:
-            share = 1.0 - tail if c.kind == "reduce_scatter" else 1.0
-            col = Collective(c.kind, c.group, c.size_bytes * share, c.count * layers, transport="userbuffers")
-            beside = prog.add("tp", f"{name}.{c.kind}.overlap", "comm", deps, collective=col, wait=wait)
-            deps, wait = (beside,), None
+        tail = 1.0 / TP_OVERLAP_SPLITS if start.phase != "backward" else 0.0
+        beside = self._beside(prog, name, start, [
+            Collective(c.kind, c.group, c.size_bytes * (1.0 - tail if c.kind == "reduce_scatter" else 1.0),
+                       c.count * layers, transport="userbuffers") for c in comms], "overlap")
         rs = comms[-1]
         col = Collective(rs.kind, rs.group, rs.size_bytes * tail, rs.count * layers, transport="userbuffers") \
             if tail else None
