@@ -100,10 +100,11 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
     if recompute == "full":
         again = layers_fwd + adapters_fwd
         skipped = early_stop_skips(model, finetune) if early_stop else None
+        down_in, down_out = linear_shapes(model, 1)["down"]
         if skipped == "down":
-            again -= model.layers * tokens * 2.0 * model.ffn_hidden * model.hidden
+            again -= model.layers * tokens * 2.0 * down_in * down_out
         elif skipped == "lora_b":       # B: rank -> the down projection's outputs
-            again -= model.layers * tokens * 2.0 * finetune.rank * linear_shapes(model, 1)["down"][1]
+            again -= model.layers * tokens * 2.0 * finetune.rank * down_out
     elif recompute == "selective" and not flash_attention:
         again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     else:

@@ -99,6 +99,11 @@ def training_rows(runs: list[dict], make=scenario_of) -> list[dict]:
     return out
 
 
+def _section(title: str, intro: str, runs: list[dict], make, label) -> list[str]:
+    """A report section: heading, what was run, and the runs (scenarios by ``make``) in a table."""
+    return [f"## {title}", "", intro, ""] + _run_table(training_rows(runs, make), label)
+
+
 def _run_table(rows: list[dict], label) -> list[str]:
     """The runs' table and a line of median and largest errors."""
     lines = ["| run | measured s | predicted s | error | measured peak GiB | predicted peak GiB | error "
@@ -155,39 +160,37 @@ def report(data_dir: Path) -> str:
              "the simulator's own catalog and calibrated efficiencies. Raw figures: "
              f"`{data_dir.relative_to(HERE.parent.parent)}/`.", ""]
     # ---- training runs
-    rows = training_rows(load("training"))
-    lines += ["## Training step on one H100, plain PyTorch", "",
-              "Llama-style blocks (RMSNorm, RoPE, SwiGLU, no bias, untied, MHA) written as plain PyTorch modules, "
-              "eager, bf16 weights with fp32 gradient buffers, fp32 master weights and torch's fused AdamW "
-              "(Megatron-LM's scheme, 18 B per parameter), SDPA's FlashAttention-2 backend, "
-              "`torch.utils.checkpoint(use_reentrant=False)` per block when recomputing; one microbatch per step. "
-              "Scenarios: `training.implementation: torch`, `memory.logits_copies: 1.5`. Measured peak: PyTorch's peak allocated bytes plus the "
-              "400 MiB CUDA context; the simulator's peak is the report's (a static sum), the replay peak the "
-              "step replay's memory timeline.", ""]
-    label = lambda run: (f"{run['model']} seq {run['seq']} mbs {run['mbs']}"  # noqa: E731
-                         + (" recompute" if run["recompute"] else ""))
-    lines += _run_table(rows, label)
-    hf = json.loads((data_dir / "hf_lora.json").read_text())
-    rows = training_rows(hf["runs"], hf_scenario_of)
+    train, hf, full = load("training"), load("hf_lora"), load("hf_full")
     v = hf["versions"]
-    lines += ["## LoRA fine-tuning of Llama-2-7B with Hugging Face transformers + PEFT", "",
-              f"transformers {v['transformers']}, PEFT {v['peft']}, PyTorch {v['torch']}: `LlamaForCausalLM` "
-              "(random bf16 weights), SDPA attention (PyTorch's default dispatch on this H100: "
-              "cuDNN's flash kernels), PEFT LoRA with fp32 adapters, torch AdamW, gradient checkpointing "
-              "(non-reentrant) on or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
-    label = lambda run: (f"seq {run['seq']} mbs {run['mbs']} r{run['rank']} on {len(run['targets'])} linears"  # noqa: E731
-                         + (" checkpointed" if run["checkpointing"] else ""))
-    lines += _run_table(rows, label)
-    full = json.loads((data_dir / "hf_full.json").read_text())
-    rows = training_rows(full["runs"], hf_full_scenario_of)
-    lines += ["## Full fine-tuning with Hugging Face transformers", "",
-              "The plain-PyTorch runs' 1.4B model (h2048-L24) as transformers' `LlamaForCausalLM` (SDPA: cuDNN's "
-              "kernels), with the same Megatron-style mixed precision, gradient checkpointing (non-reentrant) on "
-              "or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.", ""]
-    label = lambda run: f"seq {run['seq']} mbs {run['mbs']}" + (" checkpointed" if run["checkpointing"] else "")  # noqa: E731
-    lines += _run_table(rows, label)
+    lines += _section(
+        "Training step on one H100, plain PyTorch",
+        "Llama-style blocks (RMSNorm, RoPE, SwiGLU, no bias, untied, MHA) written as plain PyTorch modules, "
+        "eager, bf16 weights with fp32 gradient buffers, fp32 master weights and torch's fused AdamW "
+        "(Megatron-LM's scheme, 18 B per parameter), SDPA's FlashAttention-2 backend, "
+        "`torch.utils.checkpoint(use_reentrant=False)` per block when recomputing; one microbatch per step. "
+        "Scenarios: `training.implementation: torch`, `memory.logits_copies: 1.5`. Measured peak: PyTorch's peak allocated bytes plus the "
+        "400 MiB CUDA context; the simulator's peak is the report's (a static sum), the replay peak the "
+        "step replay's memory timeline.",
+        train, scenario_of,
+        lambda run: f"{run['model']} seq {run['seq']} mbs {run['mbs']}" + (" recompute" if run["recompute"] else ""))
+    lines += _section(
+        "LoRA fine-tuning of Llama-2-7B with Hugging Face transformers + PEFT",
+        f"transformers {v['transformers']}, PEFT {v['peft']}, PyTorch {v['torch']}: `LlamaForCausalLM` "
+        "(random bf16 weights), SDPA attention (PyTorch's default dispatch on this H100: "
+        "cuDNN's flash kernels), PEFT LoRA with fp32 adapters, torch AdamW, gradient checkpointing "
+        "(non-reentrant) on or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.",
+        hf["runs"], hf_scenario_of,
+        lambda run: (f"seq {run['seq']} mbs {run['mbs']} r{run['rank']} on {len(run['targets'])} linears"
+                     + (" checkpointed" if run["checkpointing"] else "")))
+    lines += _section(
+        "Full fine-tuning with Hugging Face transformers",
+        "The plain-PyTorch runs' 1.4B model (h2048-L24) as transformers' `LlamaForCausalLM` (SDPA: cuDNN's "
+        "kernels), with the same Megatron-style mixed precision, gradient checkpointing (non-reentrant) on "
+        "or off. Scenarios: `training.implementation: huggingface`, `memory.logits_copies: 3.5`.",
+        full["runs"], hf_full_scenario_of,
+        lambda run: f"seq {run['seq']} mbs {run['mbs']}" + (" checkpointed" if run["checkpointing"] else ""))
     ratios: dict[bool, list[float]] = {False: [], True: []}
-    for run in load("training") + hf["runs"] + full["runs"]:
+    for run in train + hf["runs"] + full["runs"]:
         if "error" not in run:
             ratios[bool(run.get("recompute", run.get("checkpointing")))].append(
                 run["peak_reserved_bytes"] / run["peak_allocated_bytes"])
@@ -198,7 +201,7 @@ def report(data_dir: Path) -> str:
     # ---- profiles: where the device time of an eager step goes
     prof = [(f"plain PyTorch {r['model']} seq {r['seq']} mbs {r['mbs']}", r) for r in load("profile")] + \
         [(f"HF + PEFT LoRA r{r['rank']} seq {r['seq']} mbs {r['mbs']}" + (" checkpointed" if r["checkpointing"] else ""), r)
-         for r in json.loads((data_dir / "hf_lora_profile.json").read_text())["runs"]]
+         for r in load("hf_lora_profile")["runs"]]
     lines += ["## One profiled step (torch.profiler, a later call)", "",
               "| run | kernels per step | kernel time s | step s (timed, unprofiled) | largest kernels |", "|---|---|---|---|---|"]
     for name, r in prof:
@@ -210,7 +213,8 @@ def report(data_dir: Path) -> str:
               "GEMMs on the CUDA cores (`sm80_xmma_gemm_f32f32..._ffma`), which `training.implementation` "
               "lists op by op.", ""]
     # ---- GEMMs
-    plateau, g = gemm_rows(load("gemm"))
+    gemm = load("gemm")
+    plateau, g = gemm_rows(gemm)
     errs = [abs(x["predicted_share"] / x["measured_share"] - 1) for x in g]
     train = [abs(x["predicted_share"] / x["measured_share"] - 1) for x in g if x["group"] == "training"]
     lines += ["## GEMM rate across shapes (bf16)", "",
@@ -227,16 +231,17 @@ def report(data_dir: Path) -> str:
                          f"| {x['measured_share']:.3f} | {x['predicted_share']:.3f} |")
     repeat = data_dir / "repeat" / "gemm.json"
     if repeat.is_file():   # the same shapes measured again in a later call (another machine start)
+        repeated = json.loads(repeat.read_text())
         again = {(r["group"], r["m"], r["n"], r["k"], r["kind"]): r["flop_per_s"]
-                 for r in json.loads(repeat.read_text()) if "flop_per_s" in r and r["dtype"] == "bf16"}
+                 for r in repeated if "flop_per_s" in r and r["dtype"] == "bf16"}
         ratios = [again[(x["group"], x["m"], x["n"], x["k"], x["kind"])] / x["flop_per_s"] for x in g
                   if (x["group"], x["m"], x["n"], x["k"], x["kind"]) in again]
         spread = statistics.median(abs(r - 1) for r in ratios)
         lines += ["", f"Run to run: the same {len(ratios)} shapes measured again in a second call differ by "
                   f"{100 * spread:.1f}% (median |ratio - 1|); the repeat's plateau is "
-                  f"{gemm_rows(json.loads(repeat.read_text()))[0] / 1e12:.0f} TFLOP/s."]
-    fp8 = {r["k"]: r["flop_per_s"] for r in load("gemm") if r["group"] == "k_sweep" and r["dtype"] == "fp8" and "flop_per_s" in r}
-    sq = [r for r in load("gemm") if r["group"] == "square" and "flop_per_s" in r]
+                  f"{gemm_rows(repeated)[0] / 1e12:.0f} TFLOP/s."]
+    fp8 = {r["k"]: r["flop_per_s"] for r in gemm if r["group"] == "k_sweep" and r["dtype"] == "fp8" and "flop_per_s" in r}
+    sq = [r for r in gemm if r["group"] == "square" and "flop_per_s" in r]
     lines += ["", "Square GEMMs (measured first, on a cool GPU): " + ", ".join(
         f"{r['dtype']} {r['m']}^3 {r['flop_per_s'] / 1e12:.0f}" for r in sq) + " TFLOP/s.",
         "fp8 K sweep at M = N = 8192 (TFLOP/s): " + ", ".join(f"K {k}: {v / 1e12:.0f}" for k, v in sorted(fp8.items())) + ".", ""]

@@ -125,70 +125,49 @@ def gemm_part() -> list[dict]:
 
 
 # --------------------------------------------------------------------------- attention
-def attention_part() -> list[dict]:
+def attention_row(batch: int, heads: int, seq: int, d: int, name: str, forward: bool = True) -> dict:
+    """Causal bf16 attention through SDPA's ``name`` backend (flash, cudnn, efficient): forward + backward
+    time and rate (3.5x the forward's 4·b·h·s²·d/2 FLOP), and with ``forward`` the forward's alone."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    rows = []
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    row = {"seq": seq, "head_dim": d, "heads": heads, "batch": batch, "backend": name}
+    try:
+        q, k, v = (torch.randn(batch, heads, seq, d, device=DEV, dtype=BF16, requires_grad=True) for _ in range(3))
+        g = torch.randn(batch, heads, seq, d, device=DEV, dtype=BF16)
+        flop_f = 4.0 * batch * heads * seq * seq * d / 2     # causal: half the square
+        with sdpa_kernel([backend]):
+            def fwd_bwd():
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                torch.autograd.grad(o, (q, k, v), g)
+            t_fb = bench(fwd_bwd)
+            row.update({"fwd_bwd_s": t_fb, "fwd_bwd_flop_per_s": 3.5 * flop_f / t_fb})
+            if forward:
+                t_f = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                row.update({"fwd_s": t_f, "fwd_flop": flop_f, "fwd_flop_per_s": flop_f / t_f,
+                            "bwd_flop_per_s": 2.5 * flop_f / max(t_fb - t_f, 1e-9)})
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = repr(exc)[:200]
+    torch.cuda.empty_cache()
+    return row
+
+
+BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def attention_part() -> list[dict]:
     shapes = [(s, 128, 32) for s in (1024, 2048, 4096, 8192, 16384, 32768)] + \
              [(s, 64, 32) for s in (2048, 8192)] + [(8192, 128, 8)]
-    for seq, d, heads in shapes:
-        batch = max(1, 16384 // seq)
-        for name, backend in backends.items():
-            row = {"seq": seq, "head_dim": d, "heads": heads, "batch": batch, "backend": name, "causal": True}
-            try:
-                q, k, v = (torch.randn(batch, heads, seq, d, device=DEV, dtype=BF16, requires_grad=True)
-                           for _ in range(3))
-                g = torch.randn(batch, heads, seq, d, device=DEV, dtype=BF16)
-                with sdpa_kernel([backend]):
-                    fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-                    out = fwd()
-                    t_f = bench(fwd)
-
-                    def fwd_bwd():
-                        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                        torch.autograd.grad(o, (q, k, v), g)
-                    t_fb = bench(fwd_bwd)
-                del out
-                flop_f = 4.0 * batch * heads * seq * seq * d / 2     # causal: half the square
-                row.update({"fwd_s": t_f, "fwd_bwd_s": t_fb, "fwd_flop": flop_f,
-                            "fwd_flop_per_s": flop_f / t_f,
-                            "bwd_flop_per_s": 2.5 * flop_f / max(t_fb - t_f, 1e-9),
-                            "fwd_bwd_flop_per_s": 3.5 * flop_f / t_fb})
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = repr(exc)[:200]
-            rows.append(row)
-            torch.cuda.empty_cache()
-    return rows
+    return [{**attention_row(max(1, 16384 // seq), heads, seq, d, name), "causal": True}
+            for seq, d, heads in shapes for name in BACKENDS]
 
 
 def head_dim_part() -> list[dict]:
     """Attention rate by head dimension (MPT-30B's 112 among them) at 2k-8k tokens, 64 heads of
     batch x seq = 16k tokens: does a head dimension that is not a power of two cost more than its
     FLOPs, and more at long sequences?"""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    rows = []
-    for d in (64, 96, 112, 128):
-        for seq in (2048, 4096, 8192):
-            batch = 16384 // seq
-            for name, backend in {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                                  "efficient": SDPBackend.EFFICIENT_ATTENTION}.items():
-                row = {"seq": seq, "head_dim": d, "heads": 64, "batch": batch, "backend": name}
-                try:
-                    q, k, v = (torch.randn(batch, 64, seq, d, device=DEV, dtype=BF16, requires_grad=True)
-                               for _ in range(3))
-                    g = torch.randn(batch, 64, seq, d, device=DEV, dtype=BF16)
-                    with sdpa_kernel([backend]):
-                        def fwd_bwd():
-                            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                            torch.autograd.grad(o, (q, k, v), g)
-                        t = bench(fwd_bwd)
-                    row.update({"fwd_bwd_s": t, "fwd_bwd_flop_per_s": 3.5 * 4.0 * batch * 64 * seq * seq * d / 2 / t})
-                except Exception as exc:  # noqa: BLE001
-                    row["error"] = repr(exc)[:200]
-                rows.append(row)
-                torch.cuda.empty_cache()
-    return rows
+    return [attention_row(16384 // seq, 64, seq, d, name, forward=False)
+            for d in (64, 96, 112, 128) for seq in (2048, 4096, 8192) for name in BACKENDS]
 
 
 # --------------------------------------------------------------------------- bandwidth and launches
@@ -339,24 +318,44 @@ class MixedPrecisionAdam:
             m.grad.zero_()
 
 
-def train_run(cfg: dict, steps: int = 6) -> dict:
+def run_guarded(cfg: dict, body) -> dict:
+    """A copy of ``cfg`` that ``body(row)`` fills in; an out-of-memory or other failure is recorded in
+    it instead, and the GPU memory is released after."""
+    import gc
     torch.manual_seed(0)
     row = dict(cfg)
     try:
-        with torch.device(DEV):
-            model = Llama(cfg["hidden"], cfg["layers"], cfg["heads"], cfg["ffn"], cfg["vocab"],
-                          cfg["recompute"]).to(BF16)
-        opt = MixedPrecisionAdam(model)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        b, s = cfg["mbs"], cfg["seq"]
-        ids = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
-        labels = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
-        torch.cuda.synchronize()
-        row["states_allocated_bytes"] = torch.cuda.memory_allocated()
-        times, fwd, bwd, ost = [], [], [], []
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION])   # FlashAttention-2, as PyTorch ships it
-        ctx.__enter__()
+        body(row)
+    except torch.OutOfMemoryError as exc:
+        row["error"] = "OOM: " + str(exc)[:160]
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = repr(exc)[:300] + traceback.format_exc()[-600:]
+    torch.set_default_dtype(torch.float32)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def train_run(cfg: dict, steps: int = 6) -> dict:
+    """One plain-PyTorch training configuration: step time split into forward, backward and optimizer,
+    peak memory, allocator retries (and with ``profile`` one profiled step)."""
+    return run_guarded(cfg, lambda row: _train(cfg, row, steps))
+
+
+def _train(cfg: dict, row: dict, steps: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.device(DEV):
+        model = Llama(cfg["hidden"], cfg["layers"], cfg["heads"], cfg["ffn"], cfg["vocab"],
+                      cfg["recompute"]).to(BF16)
+    opt = MixedPrecisionAdam(model)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    b, s = cfg["mbs"], cfg["seq"]
+    ids = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
+    labels = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
+    torch.cuda.synchronize()
+    row["states_allocated_bytes"] = torch.cuda.memory_allocated()
+    times, fwd, bwd, ost = [], [], [], []
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):   # FlashAttention-2, as PyTorch ships it
         for i in range(steps):
             if i == 2:
                 torch.cuda.synchronize()
@@ -376,56 +375,46 @@ def train_run(cfg: dict, steps: int = 6) -> dict:
                 bwd.append(ev[1].elapsed_time(ev[2]) / 1e3)
                 ost.append(ev[2].elapsed_time(ev[3]) / 1e3)
             del loss
-        ctx.__exit__(None, None, None)
         if cfg.get("profile"):
             from measure_hf import profile_step
 
             def step():
                 model.loss(ids, labels).backward()
                 opt.step()
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                row["profile"] = profile_step(step)
-        stats = torch.cuda.memory_stats()
-        free, total = torch.cuda.mem_get_info()
-        row.update({"step_s": statistics.median(times), "fwd_s": statistics.median(fwd),
-                    "bwd_s": statistics.median(bwd), "optimizer_s": statistics.median(ost),
-                    "step_s_all": times,
-                    "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                    "device_used_bytes_at_end": total - free,
-                    "alloc_retries": stats.get("num_alloc_retries", 0), "ooms": stats.get("num_ooms", 0),
-                    "tokens_per_s": b * s / statistics.median(times)})
-        del model, opt, ids, labels
-    except torch.OutOfMemoryError as exc:
-        row["error"] = "OOM: " + str(exc)[:160]
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = repr(exc)[:300] + traceback.format_exc()[-400:]
-    import gc
-    gc.collect()
-    torch.cuda.empty_cache()
-    return row
+            row["profile"] = profile_step(step)
+    stats = torch.cuda.memory_stats()
+    free, total = torch.cuda.mem_get_info()
+    row.update({"step_s": statistics.median(times), "fwd_s": statistics.median(fwd),
+                "bwd_s": statistics.median(bwd), "optimizer_s": statistics.median(ost),
+                "step_s_all": times,
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "device_used_bytes_at_end": total - free,
+                "alloc_retries": stats.get("num_alloc_retries", 0), "ooms": stats.get("num_ooms", 0),
+                "tokens_per_s": b * s / statistics.median(times)})
+
+
+# the two Llama-style models of the training runs (MHA, SwiGLU, vocabulary 32,000, untied)
+H2048 = {"model": "h2048-L24", "hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
+W4096 = {"model": "h4096-L8", "hidden": 4096, "layers": 8, "heads": 32, "ffn": 11008, "vocab": 32000}
 
 
 def profile_part() -> list[dict]:
     """One profiled step of two plain-PyTorch runs (kernel count and device time vs wall time)."""
-    h2048 = {"model": "h2048-L24", "hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
-    w4096 = {"model": "h4096-L8", "hidden": 4096, "layers": 8, "heads": 32, "ffn": 11008, "vocab": 32000}
-    return [train_run({**h2048, "seq": 2048, "mbs": 2, "recompute": False, "profile": True}),
-            train_run({**w4096, "seq": 4096, "mbs": 2, "recompute": False, "profile": True})]
+    return [train_run({**H2048, "seq": 2048, "mbs": 2, "recompute": False, "profile": True}),
+            train_run({**W4096, "seq": 4096, "mbs": 2, "recompute": False, "profile": True})]
 
 
 def training_part() -> list[dict]:
-    h2048 = {"model": "h2048-L24", "hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
-    w4096 = {"model": "h4096-L8", "hidden": 4096, "layers": 8, "heads": 32, "ffn": 11008, "vocab": 32000}
     runs = []
     for mbs in (2, 4, 8, 12, 16, 20, 24, 28, 32):          # up to and past the memory limit
-        runs.append({**h2048, "seq": 2048, "mbs": mbs, "recompute": False})
+        runs.append({**H2048, "seq": 2048, "mbs": mbs, "recompute": False})
     for mbs in (8, 16, 32):
-        runs.append({**h2048, "seq": 2048, "mbs": mbs, "recompute": True})
+        runs.append({**H2048, "seq": 2048, "mbs": mbs, "recompute": True})
     for seq, mbs in ((4096, 1), (4096, 2), (4096, 4), (8192, 1), (8192, 2)):
-        runs.append({**w4096, "seq": seq, "mbs": mbs, "recompute": False})
+        runs.append({**W4096, "seq": seq, "mbs": mbs, "recompute": False})
     for seq, mbs in ((4096, 4), (8192, 4), (16384, 2)):
-        runs.append({**w4096, "seq": seq, "mbs": mbs, "recompute": True})
+        runs.append({**W4096, "seq": seq, "mbs": mbs, "recompute": True})
     rows = []
     stop_no_recompute = False
     for cfg in runs:

@@ -8,17 +8,15 @@ Also records which kernels PyTorch's default SDPA dispatch runs on this GPU. Run
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
-DEV = "cuda"
+from measure_h100 import DEV, H2048, MixedPrecisionAdam, run_guarded
 
 
 def sdpa_default_kernels() -> dict:
@@ -51,131 +49,106 @@ def profile_step(step) -> dict:
             "profiled_wall_s": wall, "top": [{"name": k, "s": t, "count": n} for t, n, k in top]}
 
 
-def lora_run(cfg: dict, steps: int = 5) -> dict:
-    from peft import LoraConfig, get_peft_model
+def hf_llama(*, hidden: int, ffn: int, layers: int, heads: int, vocab: int, seq: int, checkpointing: bool):
+    """transformers' LlamaForCausalLM (MHA, SDPA attention, untied) with random bf16 weights on the
+    GPU, in training mode, with non-reentrant gradient checkpointing when asked."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    row = dict(cfg)
-    torch.manual_seed(0)
-    try:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                             max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
-        config._attn_implementation = "sdpa"
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(DEV):
-            model = LlamaForCausalLM(config)
-        torch.set_default_dtype(torch.float32)
-        row["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        if cfg["checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.config.use_cache = False
-        lora = LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=cfg["targets"],
-                          lora_dropout=0.0, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        row["trainable_params"] = sum(p.numel() for p in trainable)
-        row["adapter_dtypes"] = sorted({str(p.dtype) for p in trainable})
-        row["total_params"] = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(trainable, lr=1e-4)
-        b, s = cfg["mbs"], cfg["seq"]
-        ids = torch.randint(0, 32000, (b, s), device=DEV)
-        torch.cuda.synchronize()
-        row["weights_allocated_bytes"] = torch.cuda.memory_allocated()
-        times = []
-        for i in range(steps):
-            if i == 2:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            loss = model(input_ids=ids, labels=ids).loss    # as Trainer.compute_loss: the outputs are dropped
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            z.record()
-            z.synchronize()
-            if i >= 2:
-                times.append(a.elapsed_time(z) / 1e3)
-            del loss
-        if cfg.get("profile"):
-            def step():
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            row["profile"] = profile_step(step)
-        stats = torch.cuda.memory_stats()
-        row.update({"step_s": statistics.median(times), "step_s_all": times,
-                    "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                    "alloc_retries": stats.get("num_alloc_retries", 0),
-                    "tokens_per_s": b * s / statistics.median(times)})
-        del model, opt, ids
-    except torch.OutOfMemoryError as exc:
-        row["error"] = "OOM: " + str(exc)[:160]
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = repr(exc)[:300] + traceback.format_exc()[-600:]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         max_position_embeddings=seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return row
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def timed_steps(step, steps: int) -> list[float]:
+    """Seconds of each ``step()`` after two warm-up steps (CUDA events), the peak memory statistics
+    reset after the warm-up."""
+    times = []
+    for i in range(steps):
+        if i == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        z.record()
+        z.synchronize()
+        if i >= 2:
+            times.append(a.elapsed_time(z) / 1e3)
+    return times
+
+
+def peaks() -> dict:
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+def lora_run(cfg: dict, steps: int = 5) -> dict:
+    """LoRA fine-tuning of Llama-2-7B's architecture with PEFT (fp32 adapters) and torch AdamW."""
+    return run_guarded(cfg, lambda row: _lora(cfg, row, steps))
+
+
+def _lora(cfg: dict, row: dict, steps: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    model = hf_llama(hidden=4096, ffn=11008, layers=32, heads=32, vocab=32000, seq=4096,
+                     checkpointing=cfg["checkpointing"])
+    row["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    if cfg["checkpointing"]:
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=cfg["targets"],
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    row["trainable_params"] = sum(p.numel() for p in trainable)
+    row["adapter_dtypes"] = sorted({str(p.dtype) for p in trainable})
+    row["total_params"] = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    b, s = cfg["mbs"], cfg["seq"]
+    ids = torch.randint(0, 32000, (b, s), device=DEV)
+    torch.cuda.synchronize()
+    row["weights_allocated_bytes"] = torch.cuda.memory_allocated()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()    # as Trainer.compute_loss: the outputs are dropped
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    times = timed_steps(step, steps)
+    if cfg.get("profile"):
+        row["profile"] = profile_step(step)
+    stats = torch.cuda.memory_stats()
+    row.update({"step_s": statistics.median(times), "step_s_all": times, **peaks(),
+                "alloc_retries": stats.get("num_alloc_retries", 0),
+                "tokens_per_s": b * s / statistics.median(times)})
 
 
 def full_run(cfg: dict, steps: int = 5) -> dict:
     """Full fine-tuning of a transformers LlamaForCausalLM with Megatron-LM's mixed precision (bf16
     weights, fp32 gradient buffers, fp32 master weights and fused AdamW: measure_h100.py's
     MixedPrecisionAdam), so that only the layers' saved tensors differ from the plain-PyTorch runs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return run_guarded(cfg, lambda row: _full(cfg, row, steps))
 
-    from measure_h100 import MixedPrecisionAdam
-    row = dict(cfg)
-    torch.manual_seed(0)
-    try:
-        config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"], num_hidden_layers=cfg["layers"],
-                             num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
-                             vocab_size=cfg["vocab"], max_position_embeddings=cfg["seq"], rms_norm_eps=1e-5,
-                             tie_word_embeddings=False)
-        config._attn_implementation = "sdpa"
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(DEV):
-            model = LlamaForCausalLM(config)
-        torch.set_default_dtype(torch.float32)
-        if cfg["checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        model.train()
-        opt = MixedPrecisionAdam(model)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        b, s = cfg["mbs"], cfg["seq"]
-        ids = torch.randint(0, cfg["vocab"], (b, s), device=DEV)
-        times = []
-        for i in range(steps):
-            if i == 2:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            z.record()
-            z.synchronize()
-            if i >= 2:
-                times.append(a.elapsed_time(z) / 1e3)
-            del loss
-        row.update({"step_s": statistics.median(times), "step_s_all": times,
-                    "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved()})
-        del model, opt, ids
-    except torch.OutOfMemoryError as exc:
-        row["error"] = "OOM: " + str(exc)[:160]
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = repr(exc)[:300] + traceback.format_exc()[-600:]
-    torch.set_default_dtype(torch.float32)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return row
+
+def _full(cfg: dict, row: dict, steps: int) -> None:
+    model = hf_llama(hidden=cfg["hidden"], ffn=cfg["ffn"], layers=cfg["layers"], heads=cfg["heads"],
+                     vocab=cfg["vocab"], seq=cfg["seq"], checkpointing=cfg["checkpointing"])
+    opt = MixedPrecisionAdam(model)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, cfg["vocab"], (cfg["mbs"], cfg["seq"]), device=DEV)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    times = timed_steps(step, steps)
+    row.update({"step_s": statistics.median(times), "step_s_all": times, **peaks()})
 
 
 def main() -> None:
@@ -195,10 +168,9 @@ def main() -> None:
         result["sdpa_default"] = {"error": repr(exc)}
     print(result, flush=True)
     if args.full:
-        h2048 = {"model": "h2048-L24", "hidden": 2048, "layers": 24, "heads": 16, "ffn": 5632, "vocab": 32000}
         result["runs"] = []
         for mbs, ckpt in ((2, False), (4, False), (8, False), (8, True), (16, True)):
-            row = full_run({**h2048, "seq": 2048, "mbs": mbs, "checkpointing": ckpt})
+            row = full_run({**H2048, "seq": 2048, "mbs": mbs, "checkpointing": ckpt})
             result["runs"].append(row)
             print({k: row.get(k) for k in ("mbs", "checkpointing", "step_s", "peak_allocated_bytes", "error")},
                   flush=True)
