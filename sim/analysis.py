@@ -12,7 +12,7 @@ from sim import finetune as ftm
 from sim.compute import compute_dtype
 from sim.engine import StepResult, simulate
 from sim.flops import StepFlops, model_flops_per_token, step_flops
-from sim.memory import DeviceMemory, bytes_per_param, memory_report, model_states
+from sim.memory import DeviceMemory, memory_report, model_states, stored_bytes_per_param
 from sim.scenario import Scenario
 
 
@@ -161,5 +161,5 @@ def analyze(scenario: Scenario, *, simulate_step: bool = True, full: bool | None
     stages = tuple(memory_report(model, plan, scenario.cluster.gpu, scenario.memory))
     a = Analysis(scenario=scenario, flops=flops,
                  flops_per_token=model_flops_per_token(model, plan.seq_len, plan.finetune),
-                 stages=stages, state_bytes_per_param=bytes_per_param(plan))
+                 stages=stages, state_bytes_per_param=stored_bytes_per_param(plan))
     return a.simulated(full=full, extrapolate=extrapolate) if simulate_step else a

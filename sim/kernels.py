@@ -22,7 +22,7 @@ from sim import finetune as ftm
 from sim.activations import kv_heads_per_rank
 from sim.compute import Kernel
 from sim.flops import early_stop_skips
-from sim.memory import bytes_per_param, master_bytes, padded_vocab
+from sim.memory import fsdp_fp32_shard, master_bytes, padded_vocab, stored_bytes_per_param
 from sim.model import ModelSpec
 from sim.plan import DTYPE_BYTES, Plan
 
@@ -296,8 +296,8 @@ class LayerKernels:
 def optimizer_kernels(params: float, plan: Plan) -> tuple[Kernel, ...]:
     """Gradient-norm pass plus the optimizer's passes over ``params`` trainable parameters (already
     divided by ZeRO): one fused pass, or one per elementwise op (``optimizer_impl: unfused``)."""
-    weight, grad, states = bytes_per_param(plan)
-    master = master_bytes(plan)
+    weight, grad, states = stored_bytes_per_param(plan)
+    master = 0 if fsdp_fp32_shard(plan) else master_bytes(plan)    # FSDP: the fp32 shard is the weight
     if plan.optimizer_impl == "fused":
         # a fused multi-tensor pass: read the gradient, read and write the states (fp32 master copy
         # included), and write the 16-bit weight -- or read and write the weight itself without a master

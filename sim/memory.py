@@ -193,6 +193,29 @@ def bytes_per_param(plan: Plan) -> tuple[float, float, float]:
     return weight, grad, master_bytes(plan) + state
 
 
+def fsdp_fp32_shard(plan: Plan) -> bool:
+    """Whether the sharded parameter is the fp32 master itself: PyTorch FSDP's mixed precision keeps
+    each rank's shard in the parameter's fp32 and casts only the gathered layer to 16-bit (FSDP1
+    ``MixedPrecision(param_dtype=bf16)``: the 16-bit ``_mp_shard`` is freed right after the all-gather;
+    FSDP2 ``MixedPrecisionPolicy``: the sharded DTensor stays fp32), and the reduce-scattered gradient
+    shard is cast back to the parameter's dtype (``_cast_grad_to_param_dtype``; FSDP2's
+    ``foreach_reduce``) whatever ``reduce_dtype``. DeepSpeed's ZeRO-3 (``zero3_impl: deepspeed``) and
+    Megatron keep a 16-bit partition beside the optimizer's fp32 master. ZeRO-Offload follows DeepSpeed."""
+    return (plan.zero >= 3 and plan.zero3_impl == "fsdp" and not plan.finetune.adapters and master_bytes(plan) > 0
+            and not plan.offload_optimizer and not plan.offload_params)
+
+
+def stored_bytes_per_param(plan: Plan) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per trainable parameter as the GPU holds them between steps:
+    :func:`bytes_per_param`, except that under PyTorch FSDP the fp32 shard is both the weight and the
+    master (4 + 4 + moments; :func:`fsdp_fp32_shard`). The 16-bit bytes of :func:`bytes_per_param`
+    remain what the gathers and the compute move."""
+    weight, grad, optimizer = bytes_per_param(plan)
+    if fsdp_fp32_shard(plan):
+        return MASTER_WEIGHT_BYTES, MASTER_WEIGHT_BYTES, optimizer - MASTER_WEIGHT_BYTES
+    return weight, grad, optimizer
+
+
 def factored_state_bytes(matrices) -> float:
     """Adafactor's statistics of ``(rows, cols)`` matrices (a vector is ``(n, 1)``): rows + cols values
     per matrix, n per vector."""
@@ -258,7 +281,7 @@ def model_states(model: ModelSpec, plan: Plan, stage: int) -> ModelStates:
     fine-tuning method and offload settings."""
     ft = plan.finetune
     base = stage_params(model, plan, stage)
-    w, g, o = bytes_per_param(plan)
+    w, g, o = stored_bytes_per_param(plan)
     if ft.adapters:
         trainable = plan.stage_layers(stage) * ftm.adapter_params_per_layer(model, ft, plan.tp)
         weights = frozen_weight_bytes(model, plan, stage) + trainable * w
@@ -299,7 +322,7 @@ def offload_bucket_params(model: ModelSpec) -> float:
 
 def model_state_bytes(params: float, plan: Plan) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for ``params`` trainable parameters under the plan's ZeRO stage."""
-    w, g, o = bytes_per_param(plan)
+    w, g, o = stored_bytes_per_param(plan)
     return _sharded(plan, params * w, params * g, params * o)
 
 

@@ -95,15 +95,17 @@ class ParallelismConfig(Section):
     # partitioned 16-bit parameters (needs zero: 3)
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
-    # how ZeRO-3 moves the weights: "fsdp" (PyTorch FSDP, DeepSpeed >= 0.4.1: layer gathers prefetched
+    # how ZeRO-3 holds and moves the weights: "fsdp" (PyTorch FSDP / FSDP2: layer gathers prefetched
     # on their own stream, gradients reduce-scattered on another, the recomputation reuses the
-    # backward's gather) or "deepspeed-0.3" (DeepSpeed's first ZeRO-3, spring 2021: per-parameter
-    # gathers, each after torch.cuda.synchronize(), so one is prefetched at a time, at a measured
-    # per-GPU rate; gathers and gradient reduce-scatters queue on one process group, the latter in
-    # line; the recomputation gathers again; sim/workload.py, efficiency.yaml `frameworks`)
-    zero3_impl: Literal["fsdp", "deepspeed-0.3"] = Field(
-        default="fsdp", description="how ZeRO-3 moves weights and gradients: fsdp, or DeepSpeed's first "
-                                    "ZeRO-3 (deepspeed-0.3, 2021)")
+    # backward's gather; the fp32 shard is the master weight, sim.memory.fsdp_fp32_shard), "deepspeed"
+    # (DeepSpeed >= 0.4.1: the same prefetched gathers, a 16-bit partition beside the optimizer's fp32
+    # master) or "deepspeed-0.3" (DeepSpeed's first ZeRO-3, spring 2021: per-parameter gathers, each
+    # after torch.cuda.synchronize(), so one is prefetched at a time, at a measured per-GPU rate;
+    # gathers and gradient reduce-scatters queue on one process group, the latter in line; the
+    # recomputation gathers again; sim/workload.py, efficiency.yaml `frameworks`)
+    zero3_impl: Literal["fsdp", "deepspeed", "deepspeed-0.3"] = Field(
+        default="fsdp", description="how ZeRO-3 holds and moves weights and gradients: fsdp (PyTorch FSDP), "
+                                    "deepspeed (DeepSpeed >= 0.4.1), or DeepSpeed's first ZeRO-3 (deepspeed-0.3, 2021)")
     # Megatron-Core / Transformer Engine userbuffers (--tp-comm-overlap, NeMo ub_tp_comm_overlap): the
     # sequence-parallel all-gathers and reduce-scatters run beside the GEMMs that consume or produce
     # them instead of between them (sim/workload.py); needs sequence_parallel

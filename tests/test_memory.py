@@ -19,8 +19,21 @@ def plan(**kw) -> Plan:
 # baseline (2 + 2 + K) Psi = 120 GB; P_os 31.4 GB; P_os+g 16.6 GB; P_os+g+p 1.9 GB.
 @pytest.mark.parametrize("zero, expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_example(zero, expected_gb):
-    total = sum(model_state_bytes(7.5e9, plan(zero=zero)))
+    total = sum(model_state_bytes(7.5e9, plan(zero=zero, zero3_impl="deepspeed")))
     assert total / 1e9 == pytest.approx(expected_gb, rel=0.02)
+
+
+# PyTorch FSDP with MixedPrecision(param_dtype=bf16, reduce_dtype=fp32) (Composer's amp_bf16, torchtitan):
+# the rank's shard is the fp32 parameter the optimizer updates; only the gathered layer is bf16. The shard
+# holds 4 (fp32 param) + 4 (fp32 grad) + 8 (two fp32 moments) = 16 B/param, where DeepSpeed ZeRO-3 with
+# fp32 gradients holds 2 + 4 + (4 + 8) = 18. Llama 3.1 8B (8.03 B params) on 8 ranks: 16.06 vs 18.07 GB.
+@pytest.mark.parametrize("impl, grad, expected_gb", [("fsdp", "fp32", 16.06), ("fsdp", "bf16", 16.06),
+                                                     ("deepspeed", "fp32", 18.07), ("deepspeed", "bf16", 16.06)])
+def test_fsdp_shard_is_the_fp32_master(impl, grad, expected_gb):
+    states = model_state_bytes(8.03e9, plan(dp=8, zero=3, zero3_impl=impl, precision="bf16", grad_dtype=grad))
+    assert sum(states) / 1e9 == pytest.approx(expected_gb, rel=1e-3)
+    if impl == "fsdp":
+        assert states == pytest.approx((8.03e9 * 4 / 8, 8.03e9 * 4 / 8, 8.03e9 * 8 / 8))
 
 
 @pytest.mark.parametrize("precision, grad, optimizer, expected", [

@@ -124,11 +124,13 @@ def zero_stage(row: dict, notes: list[str]) -> int:
         return 2
     if "zero-1" in z:
         return 1
-    if z.startswith("none") or z == "":
+    if z.startswith("none"):
         return 0
-    if row["source_id"].startswith("S09"):
+    if row["source_id"].startswith("S09"):      # the long-sequence table leaves the column empty too
         notes.append("distributed optimizer not stated: NeMo's default (on) assumed -> ZeRO-1")
         return 1
+    if z == "":
+        return 0
     notes.append(f"sharding {row['zero_fsdp']!r} read as none")
     return 0
 
