@@ -33,8 +33,10 @@ def kv_heads_per_rank(model: ModelSpec, tp: int) -> float:
 
 def layer_activation_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: int = 1,
                            sequence_parallel: bool = False, cp: int = 1, recompute: str = "none",
-                           flash_attention: bool = True, dtype_bytes: int = 2) -> dict[str, float]:
-    """Bytes one TP rank keeps for one layer and one microbatch, by tensor group."""
+                           flash_attention: bool = True, dtype_bytes: int = 2,
+                           gathered_inputs: bool = False) -> dict[str, float]:
+    """Bytes one TP rank keeps for one layer and one microbatch, by tensor group. ``gathered_inputs``:
+    the QKV and first MLP GEMMs save their all-gathered inputs (PyTorch DTensor TP, ``tp_impl``)."""
     s = seq_len / cp                      # tokens of the sequence on this rank
     b, h, e = micro_batch, model.hidden, dtype_bytes
     sbh = s * b * h
@@ -45,7 +47,7 @@ def layer_activation_parts(model: ModelSpec, *, seq_len: int, micro_batch: int, 
     parts: dict[str, float] = {
         # inputs of the two norms, of the QKV GEMM and of the first MLP GEMM
         "norm_inputs": 2 * e * sbh / rep,
-        "block_inputs": 2 * e * sbh / rep,
+        "block_inputs": 2 * e * sbh / (1 if gathered_inputs else rep),
         # Q, K, V and the attention output (input of the output projection)
         "qkv": e * s * b * (model.q_width / tp + 2 * kv_heads_per_rank(model, tp) * model.d_head),
         "attention_output": e * s * b * model.q_width / tp,
@@ -129,8 +131,11 @@ def embedding_activation_bytes(model: ModelSpec, *, seq_len: int, micro_batch: i
 
 
 def output_activation_bytes(model: ModelSpec, *, seq_len: int, micro_batch: int, tp: int = 1,
-                            sequence_parallel: bool = False, cp: int = 1, dtype_bytes: int = 2) -> float:
-    """Last stage, per microbatch: final-norm input, output-GEMM input and float32 logits (vocab split by tp)."""
+                            sequence_parallel: bool = False, cp: int = 1, dtype_bytes: int = 2,
+                            gathered_inputs: bool = False) -> float:
+    """Last stage, per microbatch: final-norm input, output-GEMM input (all-gathered with
+    ``gathered_inputs``) and float32 logits (vocab split by tp)."""
     rep = tp if sequence_parallel else 1
     sb = (seq_len / cp) * micro_batch
-    return 2 * dtype_bytes * sb * model.hidden / rep + LOGITS_BYTES * sb * model.vocab / tp
+    gemm_input = dtype_bytes * sb * model.hidden / (1 if gathered_inputs else rep)
+    return dtype_bytes * sb * model.hidden / rep + gemm_input + LOGITS_BYTES * sb * model.vocab / tp

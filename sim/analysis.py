@@ -157,7 +157,7 @@ def analyze(scenario: Scenario, *, simulate_step: bool = True, full: bool | None
     model, plan = scenario.model, scenario.plan
     flops = step_flops(model, tokens=plan.tokens_per_step, seq_len=plan.seq_len, recompute=plan.recompute,
                        flash_attention=plan.flash_attention, finetune=plan.finetune,
-                       early_stop=plan.recompute_early_stop)
+                       early_stop=plan.recompute_early_stop, recompute_fraction=plan.recompute_fraction)
     stages = tuple(memory_report(model, plan, scenario.cluster.gpu, scenario.memory))
     a = Analysis(scenario=scenario, flops=flops,
                  flops_per_token=model_flops_per_token(model, plan.seq_len, plan.finetune),

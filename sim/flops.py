@@ -84,10 +84,11 @@ def early_stop_skips(model: ModelSpec, finetune: Finetune = FULL) -> str:
 
 def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Recompute = "none",
                causal: bool = False, flash_attention: bool = False, finetune: Finetune = FULL,
-               early_stop: bool = False) -> StepFlops:
+               early_stop: bool = False, recompute_fraction: float = 1.0) -> StepFlops:
     """FLOPs of one step processing ``tokens`` tokens in sequences of ``seq_len``. With flash attention
     selective recomputation has nothing to recompute (the scores are never stored); ``early_stop``: a
-    full recomputation leaves out what :func:`early_stop_skips` says."""
+    full recomputation leaves out what :func:`early_stop_skips` says; ``recompute_fraction``: the
+    share of the layers recomputed (``parallelism.recompute_layers``)."""
     layers_fwd = model.layers * layer_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     logits_fwd = logits_forward_flops_per_token(model) * tokens
     adapters_fwd = adapter_forward_flops_per_token(model, finetune) * tokens
@@ -105,6 +106,7 @@ def step_flops(model: ModelSpec, *, tokens: float, seq_len: int, recompute: Reco
             again -= model.layers * tokens * 2.0 * down_in * down_out
         elif skipped == "lora_b":       # B: rank -> the down projection's outputs
             again -= model.layers * tokens * 2.0 * finetune.rank * down_out
+        again *= recompute_fraction
     elif recompute == "selective" and not flash_attention:
         again = model.layers * attention_core_forward_flops_per_token(model, seq_len, causal=causal) * tokens
     else:

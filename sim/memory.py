@@ -341,17 +341,27 @@ def microbatches_in_flight(plan: Plan, stage: int) -> float:
     return float(min(p - stage, m))
 
 
-def layer_passes_in_flight(plan: Plan, stage: int) -> float:
-    """Layer x microbatch activations held at the stage's peak: replays the schedule's order of
-    forward and backward passes, each chunk with its own layer count (chunks may differ)."""
+def chunk_activation_bytes(model: ModelSpec, plan: Plan, layers: int) -> float:
+    """Bytes one microbatch's pass through a chunk of ``layers`` layers keeps: its recomputed layers
+    (:meth:`Plan.recomputed_layers`) their inputs, the others all their tensors."""
+    again = plan.recomputed_layers(layers)
+    kept = layer_activation_total(model, plan, plan.recompute) * again
+    if again < layers:
+        kept += layer_activation_total(model, plan, "none") * (layers - again)
+    return kept
+
+
+def layer_bytes_in_flight(model: ModelSpec, plan: Plan, stage: int) -> float:
+    """Layer activations held at the stage's peak: replays the schedule's order of forward and
+    backward passes, each chunk with its own layer count (chunks may differ)."""
     if plan.virtual_stages == 1:
-        return plan.stage_layers(stage) * microbatches_in_flight(plan, stage)
-    live = peak = 0
+        return chunk_activation_bytes(model, plan, plan.stage_layers(stage)) * microbatches_in_flight(plan, stage)
+    live = peak = 0.0
     for phase, _, chunk in stage_schedule(plan.schedule, plan.pp, stage, plan.microbatches, plan.virtual_stages):
-        layers = plan.chunk_layers[chunk * plan.pp + stage]
-        live += layers if phase == "F" else -layers
+        kept = chunk_activation_bytes(model, plan, plan.chunk_layers[chunk * plan.pp + stage])
+        live += kept if phase == "F" else -kept
         peak = max(peak, live)
-    return float(peak)
+    return peak
 
 
 def adapter_activation_bytes(model: ModelSpec, plan: Plan) -> float:
@@ -387,7 +397,7 @@ def layer_activation_total(model: ModelSpec, plan: Plan, recompute: str) -> floa
     if plan.implementation == "fused" or recompute == "full":
         stored = act.layer_activation_bytes(model, **shape, sequence_parallel=plan.sequence_parallel,
                                             recompute=recompute, flash_attention=plan.flash_attention,
-                                            dtype_bytes=plan.tensor_bytes)
+                                            dtype_bytes=plan.tensor_bytes, gathered_inputs=plan.gathered_inputs)
     else:   # resolve_plan allows eager layers with flash attention and recompute none or full only
         stored = math.fsum(act.eager_layer_parts(model, **shape, impl=plan.implementation,
                                                  trainable=not plan.finetune.adapters,
@@ -409,21 +419,22 @@ def activation_bytes(model: ModelSpec, plan: Plan, stage: int, config: "MemoryCo
     e = plan.tensor_bytes
     shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                  sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-    per_layer = layer_activation_total(model, plan, plan.recompute)
     in_flight = microbatches_in_flight(plan, stage)
-    parts = {"layers": per_layer * layer_passes_in_flight(plan, stage)}
+    parts = {"layers": layer_bytes_in_flight(model, plan, stage)}
     if stage == 0:
         first_chunk = in_flight if plan.schedule == "gpipe" else min(in_flight * plan.virtual_stages, plan.microbatches)
         parts["embedding"] = act.embedding_activation_bytes(model, **shape) * first_chunk
     if stage == plan.pp - 1:
         # the last chunk runs each microbatch's backward right after its forward; GPipe keeps all
         logits = plan.microbatches if plan.schedule == "gpipe" else 1
-        parts["logits"] = act.output_activation_bytes(model, **shape, dtype_bytes=e) * logits
+        parts["logits"] = act.output_activation_bytes(model, **shape, dtype_bytes=e,
+                                                      gathered_inputs=plan.gathered_inputs) * logits
         if config.logits_copies > 1:
             parts["logits_copies"] = extra_logits_bytes(model, plan, config) * logits
-    if plan.recompute != "none" and plan.stage_layers(stage):
+    if plan.recomputed_layers(plan.stage_layers(stage)):
         # the backward of one layer rebuilds what recomputation dropped: one layer's tensors at a time
-        parts["recompute_workspace"] = layer_activation_total(model, plan, "none") - per_layer
+        parts["recompute_workspace"] = (layer_activation_total(model, plan, "none")
+                                        - layer_activation_total(model, plan, plan.recompute))
     return parts
 
 

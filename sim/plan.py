@@ -85,6 +85,13 @@ class ParallelismConfig(Section):
     zero: int = Field(default=0, ge=0, le=3, strict=True, description="0 none, 1 optimizer, 2 +gradients, 3 +weights")
     sequence_parallel: bool = Field(default=False, strict=True)
     recompute: Literal["none", "selective", "full"] = "none"
+    # full recomputation of only some layers (Megatron-LM --recompute-method block
+    # --recompute-num-layers N, NeMo activations_checkpoint_num_layers: the first N layers of each
+    # model chunk; torchtitan's "selective layer" checkpointing of every k-th block: layers / k);
+    # the other layers keep all their activations. Default: every layer.
+    recompute_layers: int | None = Field(default=None, ge=1, strict=True,
+                                         description="layers of each model chunk recomputed in full "
+                                                     "(default all; needs recompute: full)")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     virtual_stages: int = Field(default=1, ge=1, strict=True)
     first_stage_layers: int | None = Field(default=None, ge=0, strict=True, description="layers of the first chunk (0: the embedding only)")
@@ -119,6 +126,13 @@ class ParallelismConfig(Section):
     tp_backward_overlap: bool = Field(default=True, strict=True,
                                       description="the backward's column-parallel TP collectives overlap the "
                                                   "gradient GEMMs (Megatron-LM since 2021, Transformer Engine)")
+    # what a column-parallel GEMM saves of its input under sequence parallelism: "megatron" (Megatron-LM,
+    # Transformer Engine: the sequence-sharded input, gathered again in the backward; Korthikanti et
+    # al. 2022 §4.2.2) or "dtensor" (PyTorch DTensor's ColwiseParallel after SequenceParallel norms, as
+    # torchtitan applies them: autograd saves the all-gathered input, the output layer's included)
+    tp_impl: Literal["megatron", "dtensor"] = Field(
+        default="megatron", description="what a column-parallel GEMM saves under sequence parallelism: the "
+                                        "sharded input (megatron) or the all-gathered one (dtensor)")
     # PyTorch >= 2.1 non-reentrant torch.utils.checkpoint (FSDP / Composer, torchtitan) stops a layer's
     # recomputation as soon as the last tensor its backward needs is rebuilt ("early stop", on by
     # default): the input of the layer's last GEMM (the MLP down projection) is saved before that GEMM
@@ -208,6 +222,25 @@ class Plan:
     implementation: str = "fused"            # fused | torch | huggingface layers (see TrainingConfig)
     tp_backward_overlap: bool = True         # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
+    tp_impl: str = "megatron"        # what a column-parallel GEMM saves under SP (see ParallelismConfig)
+    recompute_layers: int | None = None      # layers of each chunk recomputed in full (None: all; see ParallelismConfig)
+
+    def recomputed_layers(self, layers: int) -> int:
+        """Layers of a chunk of ``layers`` whose activations the backward rebuilds (``recompute``)."""
+        if self.recompute == "none":
+            return 0
+        return layers if self.recompute_layers is None else min(self.recompute_layers, layers)
+
+    @property
+    def recompute_fraction(self) -> float:
+        """Share of the model's layers under the plan's recomputation (1 without ``recompute_layers``)."""
+        total = sum(self.chunk_layers)
+        return sum(self.recomputed_layers(n) for n in self.chunk_layers) / total if total else 0.0
+
+    @property
+    def gathered_inputs(self) -> bool:
+        """Whether the column-parallel GEMMs save their all-gathered (full-sequence) inputs."""
+        return self.sequence_parallel and self.tp > 1 and self.tp_impl == "dtensor"
 
     @property
     def gpus(self) -> int:
@@ -248,12 +281,14 @@ class Plan:
         if self.attention_kernel_arch != self.kernel_arch:
             extra.append(f"{self.attention_kernel_arch}-built attention")
         if self.sequence_parallel:
-            extra.append("SP")
+            extra.append("SP" + (" (DTensor: gathered inputs saved)" if self.gathered_inputs else ""))
         if self.tp_comm_overlap and self.tp > 1:
             extra.append("TP-comm overlap")
         elif self.tp > 1 and not self.tp_backward_overlap:
             extra.append("no TP backward overlap")
-        extra.append(f"recompute {self.recompute}" + (" (early stop)" if self.recompute_early_stop else ""))
+        extra.append(f"recompute {self.recompute}"
+                     + (f" ({self.recompute_layers} layers per chunk)" if self.recompute_layers is not None else "")
+                     + (" (early stop)" if self.recompute_early_stop else ""))
         if self.implementation != "fused":
             extra.append(f"{self.implementation} layers")
         sched = self.schedule + (f" (v={self.virtual_stages})" if self.virtual_stages > 1 else "")
@@ -346,6 +381,12 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     if par.recompute_early_stop and par.recompute != "full":
         raise fail("parallelism.recompute_early_stop", f"early stop shortens a full recomputation; expected "
                                                        f"recompute: full, got recompute: {par.recompute}")
+    if par.recompute_layers is not None and par.recompute != "full":
+        raise fail("parallelism.recompute_layers", f"recompute_layers picks the layers of a full recomputation; "
+                                                   f"expected recompute: full, got recompute: {par.recompute}")
+    if par.recompute_layers is not None and par.zero3_impl == "deepspeed-0.3":
+        raise fail("parallelism.recompute_layers", "DeepSpeed 0.3's ZeRO-3 is modelled with every layer "
+                                                   "recomputed; expected no recompute_layers")
     if par.zero3_impl != "fsdp" and par.zero != 3:
         raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
                                              f"got zero={par.zero}")
@@ -384,4 +425,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch, attention_kernel_arch=attention_arch,
                 recompute_early_stop=par.recompute_early_stop, tp_backward_overlap=par.tp_backward_overlap and tp > 1,
                 optimizer_impl=training.optimizer_impl, implementation=training.implementation,
-                tp_comm_overlap=par.tp_comm_overlap and tp > 1)
+                tp_comm_overlap=par.tp_comm_overlap and tp > 1, tp_impl=par.tp_impl,
+                recompute_layers=par.recompute_layers)

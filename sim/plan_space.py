@@ -217,7 +217,11 @@ def auto_points(model: ModelSpec, training: TrainingConfig, parallelism: Paralle
                                            if parallelism.tp_comm_overlap and not sp else {}),
                                         # nor a base early-stopped recomputation to other recompute modes
                                         **({"parallelism.recompute_early_stop": False}
-                                           if parallelism.recompute_early_stop and recompute != "full" else {})})
+                                           if parallelism.recompute_early_stop and recompute != "full" else {}),
+                                        # nor a base partial recomputation
+                                        **({"parallelism.recompute_layers": None}
+                                           if parallelism.recompute_layers is not None and recompute != "full"
+                                           else {})})
     return points
 
 

@@ -51,7 +51,7 @@ def to_dict(a: Analysis, *, pue: float = DEFAULT_PUE) -> dict[str, Any]:
         "plan": {"tp": plan.tp, "pp": plan.pp, "cp": plan.cp, "dp": plan.dp, "zero": plan.zero,
                  "zero3_impl": plan.zero3_impl, "kernel_arch": plan.kernel_arch,
                  "attention_kernel_arch": plan.attention_kernel_arch,
-                 "sequence_parallel": plan.sequence_parallel, "tp_comm_overlap": plan.tp_comm_overlap,
+                 "sequence_parallel": plan.sequence_parallel, "tp_impl": plan.tp_impl, "tp_comm_overlap": plan.tp_comm_overlap,
                  "tp_backward_overlap": plan.tp_backward_overlap,
                  "recompute": plan.recompute, "recompute_early_stop": plan.recompute_early_stop,
                  "schedule": plan.schedule, "virtual_stages": plan.virtual_stages,

@@ -124,11 +124,12 @@ class _Lowering:
         self.e = plan.tensor_bytes
         shape = dict(seq_len=plan.seq_len, micro_batch=plan.micro_batch_size, tp=plan.tp,
                      sequence_parallel=plan.sequence_parallel, cp=plan.cp)
-        self.layer_act = layer_activation_total(model, plan, plan.recompute)
-        full = layer_activation_total(model, plan, "none")
-        self.recompute_ws = full - self.layer_act if plan.recompute != "none" else 0.0
+        self.layer_act = layer_activation_total(model, plan, plan.recompute)     # a recomputed layer's
+        self.layer_act_kept = layer_activation_total(model, plan, "none")         # a layer that is not
+        self.recompute_ws = self.layer_act_kept - self.layer_act if plan.recompute != "none" else 0.0
         self.embed_act = embedding_activation_bytes(model, **shape)
-        self.logits_act = output_activation_bytes(model, **shape, dtype_bytes=self.e) \
+        self.logits_act = output_activation_bytes(model, **shape, dtype_bytes=self.e,
+                                                  gathered_inputs=plan.gathered_inputs) \
             + (extra_logits_bytes(model, plan, memory_config) if memory_config.logits_copies > 1 else 0.0)
         tokens = plan.seq_len / plan.cp * plan.micro_batch_size
         self.tokens = tokens
@@ -184,6 +185,10 @@ class _Lowering:
         self.bucketing = False         # per-layer backward ops (the last microbatch's, for gradient buckets)
 
     # ---- pieces -------------------------------------------------------------------------------
+    def kept_bytes(self, layers: int, recomputed: int) -> float:
+        """Activations of ``layers`` layers of one microbatch, ``recomputed`` of them recomputed."""
+        return self.layer_act * recomputed + self.layer_act_kept * (layers - recomputed)
+
     def _floor(self, size_bytes: float) -> float:
         """Least time of a ZeRO-3 weight or gradient collective when the framework sets the rate."""
         return size_bytes / self.zero3_rate if self.zero3_rate else 0.0
@@ -314,6 +319,7 @@ class _Lowering:
             return prog.add("compute", name, "backward", (dep,), kernels=(), wait=wait), []
         per_layer = self.cp_comm is not None or self.bucketing or self.zero3
         n = 1 if per_layer else layers
+        again = plan.recomputed_layers(layers)     # the chunk's first layers (Megatron's block method)
         ops: list[int] = []
         computes: list[int] = []       # recompute and backward ops in order (gather prefetch distance)
         regather = self.zero3_rate is not None and plan.recompute == "full"
@@ -322,8 +328,10 @@ class _Lowering:
         for i in range(layers if per_layer else 1):
             lname = f"{name}.L{layers - 1 - i}" if per_layer else name     # the last layer first
             rname = lname.replace("B.", "R.", 1)                             # its recomputation
+            r = (1 if layers - 1 - i < again else 0) if per_layer else again  # of the n layers, recomputed
             # recomputation rebuilds one layer at a time, even when n layers share an op
-            alloc = (("activations", self.recompute_ws),) if self.recompute_ws else ()
+            ws = self.recompute_ws if r else 0.0
+            alloc = (("activations", ws),) if ws else ()
             if regather:
                 # DeepSpeed 0.3: the recomputation's forward hooks gather (and release) the weights, one
                 # module prefetched as in the forward pass; the backward then gathers them again
@@ -335,15 +343,15 @@ class _Lowering:
                 gathered = self.gather(prog, lname, computes[-2] if len(computes) >= 2 else start)
             else:
                 gathered = self.gather(prog, lname, ops[-2] if len(ops) >= 2 else start)
-            if plan.recompute == "full" and not regather:
+            if plan.recompute == "full" and not regather and r:
                 # n = 1 under ZeRO-3: the weights gathered for the backward serve the recomputation
-                dep = self.forward(prog, rname, "recompute", dep, n, wait=wait, alloc=alloc, after=gathered)
+                dep = self.forward(prog, rname, "recompute", dep, r, wait=wait, alloc=alloc, after=gathered)
                 wait, alloc = None, ()
             elif plan.recompute != "full" and k.recompute():
                 dep = prog.add("compute", rname, "recompute", (dep, gathered),
                                kernels=self.repeated(k.recompute(), n), wait=wait, alloc=alloc)
                 wait, alloc = None, ()
-            free = (("activations", self.layer_act * n + self.recompute_ws),)
+            free = (("activations", self.kept_bytes(n, r) + ws),)
             if self.zero3:
                 free += (("weights", self.layer_weight_bytes),)
             op = prog.add("compute", lname, "backward", (dep, gathered), kernels=self.repeated(k.backward, n),
@@ -411,7 +419,7 @@ class _Lowering:
                                     wait=wait, alloc=(("activations", self.embed_act),))
                     wait = None
                 prev = self.forward(prog, f"F.{tag}", "forward", prev, layers, wait=wait,
-                                    alloc=(("activations", self.layer_act * layers),))
+                                    alloc=(("activations", self.kept_bytes(layers, plan.recomputed_layers(layers))),))
                 if g == last_chunk:
                     prev = prog.add("compute", f"F.{tag}.logits", "forward", (prev,), kernels=k.logits_forward(),
                                     alloc=(("activations", self.logits_act),))

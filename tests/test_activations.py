@@ -55,3 +55,21 @@ def test_llama_gqa_swiglu_no_dropout():
     # + 3 SwiGLU tensors of width f (3 x 2 s f) + float32 LSE (4 a s)
     expected = s2 * (8 * hd + 4 * hd + 4 * hd * 8 / 64 + 6 * m.ffn_hidden + 4 * m.heads)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_dtensor_tp_saves_the_gathered_gemm_inputs():
+    # Korthikanti's 34 sbh / t with SP counts the QKV and first-MLP GEMM inputs (2 x 2 sbh) sharded;
+    # PyTorch DTensor's ColwiseParallel saves them all-gathered: 4 sbh whole, 30 sbh / t for the rest
+    got = per_layer(tp=t, sequence_parallel=True, gathered_inputs=True, flash_attention=False)
+    assert got == pytest.approx(sbh * (4 + 30 / t + 5 * a * s / (h * t)), rel=1e-12)
+    # without sequence parallelism the inputs are whole either way
+    assert per_layer(tp=t, gathered_inputs=True, flash_attention=False) == per_layer(tp=t, flash_attention=False)
+
+
+def test_dtensor_output_gemm_input_is_gathered():
+    from sim.activations import output_activation_bytes
+    kw = dict(seq_len=s, micro_batch=b, tp=t, sequence_parallel=True, dtype_bytes=2)
+    logits = 4 * s * b * M.vocab / t
+    assert output_activation_bytes(M, **kw) == pytest.approx(2 * 2 * sbh / t + logits, rel=1e-12)
+    assert output_activation_bytes(M, **kw, gathered_inputs=True) == pytest.approx(2 * sbh / t + 2 * sbh + logits,
+                                                                                   rel=1e-12)

@@ -64,3 +64,12 @@ def test_selective_recompute_with_flash_attention_recomputes_nothing():
     m = load_model("gpt3-175b")
     f = step_flops(m, tokens=2048, seq_len=2048, recompute="selective", flash_attention=True)
     assert f.recompute_flop == 0 and f.hardware_flop == f.model_flop
+
+
+def test_partial_recompute_rebuilds_its_share_of_the_layers():
+    # Megatron's block method with N of L layers: the recomputation is N / L of a full one
+    m = load_model("llama3-8b")
+    full = step_flops(m, tokens=8192, seq_len=8192, recompute="full")
+    part = step_flops(m, tokens=8192, seq_len=8192, recompute="full", recompute_fraction=12 / 32)
+    assert part.recompute_flop == pytest.approx(full.recompute_flop * 12 / 32, rel=1e-12)
+    assert part.model_flop == full.model_flop

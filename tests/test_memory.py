@@ -83,3 +83,17 @@ def test_optimizer_step_dram_traffic_per_parameter(impl, expected):
     from sim.kernels import optimizer_kernels
     ks = optimizer_kernels(1e9, plan(optimizer_impl=impl, grad_dtype="fp32"))
     assert sum(k.bytes for k in ks) / 1e9 == pytest.approx(expected, rel=1e-12)
+
+
+def test_partial_recompute_keeps_inputs_of_its_layers_and_everything_of_the_rest():
+    from sim.memory import chunk_activation_bytes, layer_activation_total
+    from sim.model import load_model
+    m = load_model("llama3-8b")
+    p = plan(dp=8, recompute="full", recompute_layers=10, seq_len=4096, chunk_layers=(32,), precision="bf16",
+             grad_dtype="fp32")
+    inputs = 4096 * m.hidden * 2                       # a recomputed layer keeps its 16-bit input
+    assert layer_activation_total(m, p, "full") == pytest.approx(inputs, rel=1e-12)
+    expected = 10 * inputs + 22 * layer_activation_total(m, p, "none")
+    assert chunk_activation_bytes(m, p, 32) == pytest.approx(expected, rel=1e-12)
+    assert chunk_activation_bytes(m, p, 6) == pytest.approx(6 * inputs, rel=1e-12)   # a short chunk: all of it
+

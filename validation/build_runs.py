@@ -141,6 +141,10 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     src = row["source_id"]
     if src.startswith("S13"):
         return None, notes, "tensor-parallel degree, batch and step time not stated (headline 'up to' figure only)"
+    if src.startswith("S15") and row["act_recompute"].startswith("selective op"):
+        # torchtitan's per-op selective checkpointing saves the outputs of a list of ops (every other
+        # matmul, attention) and recomputes the rest
+        return None, notes, f"torchtitan's {row['act_recompute']!r} checkpointing is not modelled"
     topo = topology(row)
     if topo is None:
         return None, notes, f"no topology for GPU {row['gpu']!r}"
@@ -257,8 +261,28 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
             notes.append("activation checkpointing: PyTorch 2.1 non-reentrant checkpoint (the launcher sets "
                          "activation_checkpointing_reentrant: False), whose early stop skips each block's "
                          "down projection in the recomputation")
+    memory = {}
+    if src.startswith("S15"):
+        # torchtitan (docs/performance.md era, mid 2024): eager PyTorch modules (torch.compile off in the
+        # train configs), FSDP2's fully_shard per block, torch.optim.AdamW(foreach=True) -- one pass per
+        # op -- and checkpoint_wrapper's non-reentrant checkpoint, whose early stop skips the last GEMM;
+        # the model returns fp32 logits and F.cross_entropy saves its fp32 log-probabilities, whose
+        # backward holds their gradient and the logits' gradient: 3 fp32 logits-sized tensors
+        training["implementation"] = "torch"
+        training["optimizer_impl"] = "unfused"
+        memory["logits_copies"] = 3
+        notes.append("torchtitan: eager modules (torch.compile off), AdamW foreach (unfused), fp32 loss on fp32 logits")
+        if row["act_recompute"].startswith("selective layer"):
+            # torchtitan's "selective layer" checkpointing wraps every 2nd block (selective_ac_option "2")
+            par["recompute"], par["recompute_layers"] = "full", int(row["layers"]) // 2
+            notes.append("torchtitan 'selective layer' checkpointing: every 2nd block checkpointed in full "
+                         "(selective_ac_option '2'), modelled as recompute_layers = layers / 2")
+        if par["recompute"] == "full":
+            par["recompute_early_stop"] = True
     scenario = {"name": f"{row['row_id']} {row['model']}", "model": model, "cluster": cluster, "training": training,
                 "parallelism": par}
+    if memory:
+        scenario["memory"] = memory
     if lora:
         scenario["finetune"] = {"method": "lora", "rank": 32, "alpha": 32, "target_modules": ["q", "k", "v"],
                                 "adapter_dtype": "bf16"}
