@@ -129,7 +129,8 @@ class ParallelismConfig(Section):
     # what a column-parallel GEMM saves of its input under sequence parallelism: "megatron" (Megatron-LM,
     # Transformer Engine: the sequence-sharded input, gathered again in the backward; Korthikanti et
     # al. 2022 §4.2.2) or "dtensor" (PyTorch DTensor's ColwiseParallel after SequenceParallel norms, as
-    # torchtitan applies them: autograd saves the all-gathered input, the output layer's included)
+    # torchtitan applies them: autograd saves the all-gathered input, the output layer's included, and
+    # the backward's collectives run in line, none re-gathers: tp_backward_overlap does not apply)
     tp_impl: Literal["megatron", "dtensor"] = Field(
         default="megatron", description="what a column-parallel GEMM saves under sequence parallelism: the "
                                         "sharded input (megatron) or the all-gathered one (dtensor)")
@@ -423,7 +424,10 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 flash_attention=training.flash_attention, chunk_layers=chunks, finetune=ft,
                 offload_optimizer=par.offload_optimizer == "cpu", offload_params=par.offload_params == "cpu",
                 zero3_impl=par.zero3_impl, kernel_arch=training.kernel_arch, attention_kernel_arch=attention_arch,
-                recompute_early_stop=par.recompute_early_stop, tp_backward_overlap=par.tp_backward_overlap and tp > 1,
+                recompute_early_stop=par.recompute_early_stop,
+                # DTensor's backward collectives run in the autograd graph's order: no asynchronous
+                # column-parallel collectives, and no re-gather of the saved inputs
+                tp_backward_overlap=par.tp_backward_overlap and tp > 1 and par.tp_impl != "dtensor",
                 optimizer_impl=training.optimizer_impl, implementation=training.implementation,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1, tp_impl=par.tp_impl,
                 recompute_layers=par.recompute_layers)

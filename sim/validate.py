@@ -129,9 +129,10 @@ def summary(results: list[RowResult]) -> dict:
 
 
 def memory_results(validation_dir: Path) -> list[dict]:
-    """Predicted vs measured peak memory of the fine-tuning runs of ``validation/memory/`` (the only
-    published peaks in the reference data); [] when that set is absent. The rows, their assumptions
-    and the predictor live in ``validation/memory/make_finetune_report.py`` (one place for both reports)."""
+    """Predicted vs measured peak memory of the runs of ``validation/memory/`` (the fine-tuning peaks of
+    the reference data and torchtitan's pre-training peaks); [] when that set is absent. The rows,
+    their assumptions and the predictor live in ``validation/memory/make_finetune_report.py`` (one
+    place for both reports)."""
     import importlib.util
 
     script = validation_dir / "memory" / "make_finetune_report.py"
@@ -147,7 +148,7 @@ def memory_results(validation_dir: Path) -> list[dict]:
 def _memory_lines(memory: list[dict]) -> list[str]:
     errs = [abs(r["error"]) for r in memory if r["comparable"] and isinstance(r["error"], float)]
     verdicts = [r for r in memory if r["comparable"]]
-    lines = ["", "## Peak memory (fine-tuning runs of validation/memory/)", "",
+    lines = ["", "## Peak memory (runs of validation/memory/)", "",
              f"- comparable rows: {len(verdicts)}, passing: {sum(r['passed'] for r in verdicts)}; median absolute "
              f"peak error {statistics.median(errs):.1%} over the {len(errs)} with a measured figure, worst "
              f"{max(errs):.1%}; within 10%: {sum(e <= 0.10 for e in errs)}" if errs else "- no comparable row",

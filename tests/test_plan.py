@@ -91,3 +91,14 @@ def test_kv_heads_replicated_when_tp_exceeds_them():
 def test_grad_dtype_defaults_like_megatron():
     assert scenario_from_mapping(mapping()).plan.grad_dtype == "fp32"
     assert scenario_from_mapping(mapping(training={"precision": "fp16"})).plan.grad_dtype == "fp16"
+
+
+def test_dtensor_tp_runs_its_backward_collectives_in_line():
+    from sim.scenario import scenario_from_mapping
+    data = {"model": "llama3-8b", "cluster": {"topology": "dgx-h100", "nodes": 1},
+            "training": {"seq_len": 4096, "global_batch_size": 8},
+            "parallelism": {"tp": 8, "sequence_parallel": True}}
+    megatron = scenario_from_mapping(data).plan
+    dtensor = scenario_from_mapping({**data, "parallelism": {**data["parallelism"], "tp_impl": "dtensor"}}).plan
+    assert megatron.tp_backward_overlap and not megatron.gathered_inputs
+    assert not dtensor.tp_backward_overlap and dtensor.gathered_inputs

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Fine-tuning memory validation and the T4 fine-tuning report.
+"""Peak-memory validation (fine-tuning runs, and torchtitan's pre-training runs) and the T4 fine-tuning report.
 
     python validation/memory/make_finetune_report.py            # scenarios/, results.csv, reports/finetune.md
 
 1. Writes ``validation/memory/scenarios/<id>.yaml`` for every entry of ``rows.yaml`` (published
-   fine-tuning memory measurements of shared/reference/validation/memory.csv, with the settings the
-   sources do not state filled in by the documented, per-framework assumptions of rows.yaml).
+   fine-tuning memory measurements of shared/reference/validation/memory.csv, and torchtitan's
+   published peaks, with the settings the sources do not state filled in by the documented,
+   per-framework assumptions of rows.yaml).
 2. Predicts them (memory only) and writes ``validation/memory/results.csv``.
 3. Writes ``reports/finetune.md``: Llama 2 7B on one T4 with full fp32, full mixed precision, full +
    8-bit Adam, LoRA fp16 and QLoRA nf4 (memory and simulated step time), the seed's 112 GB derived
@@ -273,7 +274,7 @@ def main() -> int:
         "",
         *scenario_lines(),
         "",
-        "## Validation against published fine-tuning memory (shared/reference/validation/memory.csv)",
+        "## Validation against published peak memory (shared/reference/validation/memory.csv; torchtitan)",
         "",
         f"{passed} of {len(comparable)} comparable rows pass (peak within {TOLERANCE:.0%} of the measurement; "
         f"capacity rows: the predicted peak at the published longest length within {TOLERANCE:.0%} of the VRAM "
