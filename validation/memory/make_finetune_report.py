@@ -98,6 +98,15 @@ def longest_fitting(mapping: dict, limit: int = 1 << 20) -> int:
     return lo
 
 
+def _measured_gb(row: dict) -> float:
+    """A peak row's measurement in decimal GB (rows give ``measured_gb`` or ``measured_gib``)."""
+    return row["measured_gb"] if "measured_gb" in row else row["measured_gib"] * GiB / GB
+
+
+def _measured_text(row: dict) -> str:
+    return f"{row['measured_gb']} GB" if "measured_gb" in row else f"{row['measured_gib']} GiB"
+
+
 def _unknown_length(row: dict) -> bool:
     """A row whose sequence length the source does not state (a row with its own scenario states it)."""
     return row.get("seq_len") is None and "scenario" not in row
@@ -110,15 +119,14 @@ def predict(row: dict, defaults: dict) -> dict:
     kind = row["kind"]
     if kind == "peak" and _unknown_length(row):            # unknown length: bracket it
         lo, hi = (_peak(row_mapping(row, defaults, n))[0].total / GB for n in (512, 2048))
-        out.update(measured=row["measured_gb"], predicted=f"{lo:.2f}..{hi:.2f}", error="",
-                   passed=lo <= row["measured_gb"] <= hi)
+        out.update(measured=_measured_text(row), predicted=f"{lo:.2f}..{hi:.2f}", error="",
+                   passed=lo <= _measured_gb(row) <= hi)
         return out
     peak, _ = _peak(row_mapping(row, defaults))
     if kind == "peak":
-        measured_gb = row["measured_gb"] if "measured_gb" in row else row["measured_gib"] * GiB / GB
-        err = peak.total / GB / measured_gb - 1
-        out.update(measured=row.get("measured_gb", f"{row.get('measured_gib')} GiB"),
-                   predicted=round(peak.total / GB, 3), error=round(err, 4), passed=abs(err) <= TOLERANCE)
+        err = peak.total / GB / _measured_gb(row) - 1
+        out.update(measured=_measured_text(row), predicted=round(peak.total / GB, 3), error=round(err, 4),
+                   passed=abs(err) <= TOLERANCE)
     elif kind == "capacity":
         cap = row["capacity_gb"]
         err = peak.total / GB / cap - 1                    # the peak at the published longest length vs the limit
@@ -138,8 +146,7 @@ def write_scenarios(defaults: dict, rows: list[dict]) -> None:
     SCENARIOS.mkdir(exist_ok=True)
     for row in rows:
         mapping = row_mapping(row, defaults, 2048 if row["kind"] == "peak" and _unknown_length(row) else None)
-        measured = f"{row['measured_gb']} GB" if "measured_gb" in row else f"{row.get('measured_gib')} GiB"
-        what = {"peak": f"measured peak {measured} per GPU",
+        what = {"peak": f"measured peak {_measured_text(row) if row['kind'] == 'peak' else ''} per GPU",
                 "capacity": f"longest sequence that fits in {row.get('capacity_gb')} GB: {row.get('seq_len')} tokens",
                 "oom": f"out of memory in {row.get('capacity_gb')} GB",
                 "fits": f"fits in {row.get('capacity_gb')} GB"}[row["kind"]]
