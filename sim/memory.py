@@ -171,8 +171,9 @@ def stage_params(model: ModelSpec, plan: Plan, stage: int) -> float:
 def master_bytes(plan: Plan) -> int:
     """Bytes per trainable parameter of the fp32 master copy: mixed-precision full training keeps one;
     LoRA adapters have none (fp32 adapters are their own master; 16-bit adapters are updated in place
-    by the Hugging Face Trainer, as in the QLoRA script with --bf16)."""
-    if plan.finetune.adapters or plan.weight_dtype == "fp32":
+    by the Hugging Face Trainer, as in the QLoRA script with --bf16), nor do bf16 optimizer states
+    (``training.optimizer_dtype: bf16``: the bf16 weights are updated in place)."""
+    if plan.finetune.adapters or plan.weight_dtype == "fp32" or plan.optimizer_dtype == "bf16":
         return 0
     return MASTER_WEIGHT_BYTES
 
@@ -190,6 +191,8 @@ def bytes_per_param(plan: Plan) -> tuple[float, float, float]:
             state *= DTYPE_BYTES[ft.adapter_dtype] / DTYPE_BYTES["fp32"]
     else:
         weight, grad = plan.tensor_bytes, DTYPE_BYTES[plan.grad_dtype]
+        if plan.optimizer_dtype == "bf16":     # torch.optim's states take the bf16 parameter's dtype
+            state *= DTYPE_BYTES["bf16"] / DTYPE_BYTES["fp32"]
     return weight, grad, master_bytes(plan) + state
 
 
@@ -356,10 +359,11 @@ def layer_bytes_in_flight(model: ModelSpec, plan: Plan, stage: int) -> float:
     backward passes, each chunk with its own layer count (chunks may differ)."""
     if plan.virtual_stages == 1:
         return chunk_activation_bytes(model, plan, plan.stage_layers(stage)) * microbatches_in_flight(plan, stage)
+    kept = {chunk: chunk_activation_bytes(model, plan, plan.chunk_layers[chunk * plan.pp + stage])
+            for chunk in range(plan.virtual_stages)}
     live = peak = 0.0
     for phase, _, chunk in stage_schedule(plan.schedule, plan.pp, stage, plan.microbatches, plan.virtual_stages):
-        kept = chunk_activation_bytes(model, plan, plan.chunk_layers[chunk * plan.pp + stage])
-        live += kept if phase == "F" else -kept
+        live += kept[chunk] if phase == "F" else -kept[chunk]
         peak = max(peak, live)
     return peak
 

@@ -50,6 +50,13 @@ class TrainingConfig(Section):
                                      "sets which tensors are saved for the backward and which kernels run")
     grad_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         default=None, description="gradient / reduction dtype; Megatron-LM's default when absent")
+    # the optimizer's states: "fp32" (mixed precision: an fp32 master copy beside the 16-bit weights,
+    # fp32 moments; Micikevicius et al. 2018) or "bf16" (pure bf16: the bf16 weights updated in place,
+    # bf16 moments -- torch.optim on a bf16 model, as the Hugging Face Trainer runs one loaded in bf16
+    # without --bf16; NeMo's distributed_fused_adam with optim.dtype: bf16, store_params off)
+    optimizer_dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="dtype of the optimizer's states: fp32 (with an fp32 master copy) or bf16 "
+                                    "(pure bf16: no master copy, bf16 moments)")
     flash_attention: bool = Field(default=True, strict=True)
     kernel_arch: Literal["native", "ampere"] = Field(
         default="native", description="GPU architecture the framework's kernels were built for; 'ampere' on a "
@@ -220,6 +227,7 @@ class Plan:
     attention_kernel_arch: str = "native"   # the attention kernels' (see TrainingConfig)
     recompute_early_stop: bool = False       # full recomputation skips each layer's last GEMM (see ParallelismConfig)
     optimizer_impl: str = "fused"            # one pass or one per elementwise op (see TrainingConfig)
+    optimizer_dtype: str = "fp32"            # fp32 (master copy + fp32 states) or bf16 (see TrainingConfig)
     implementation: str = "fused"            # fused | torch | huggingface layers (see TrainingConfig)
     tp_backward_overlap: bool = True         # backward TP collectives beside the gradient GEMMs (see ParallelismConfig)
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
@@ -302,7 +310,8 @@ class Plan:
         return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp} ({self.gpus} GPUs), {', '.join(extra)}, "
                 f"{sched}; seq {self.seq_len}, global batch {self.global_batch_size}, micro-batch "
                 f"{self.micro_batch_size} -> {self.microbatches} microbatches; {self.precision}, "
-                f"{self.optimizer}{' (unfused)' if self.optimizer_impl == 'unfused' else ''}, grads {grads}{tail}")
+                f"{self.optimizer}{' (unfused)' if self.optimizer_impl == 'unfused' else ''}"
+                f"{' (bf16 states, no master)' if self.optimizer_dtype == 'bf16' else ''}, grads {grads}{tail}")
 
 
 def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismConfig, *, num_gpus: int,
@@ -379,6 +388,11 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     if training.optimizer_impl == "unfused" and training.optimizer not in ("adamw", "sgd", "sgd-no-momentum"):
         raise fail("training.optimizer_impl", f"{training.optimizer} has one implementation here; unfused models "
                                               f"torch.optim's AdamW and SGD: expected fused")
+    if training.optimizer_dtype == "bf16" and (precision not in ("bf16", "fp8") or training.optimizer not in
+                                                ("adamw", "sgd", "sgd-no-momentum")):
+        raise fail("training.optimizer_dtype", f"bf16 optimizer states update bf16 weights in place with torch.optim's "
+                                               f"AdamW or SGD; expected fp32 with precision {precision} and "
+                                               f"optimizer {training.optimizer}")
     if par.recompute_early_stop and par.recompute != "full":
         raise fail("parallelism.recompute_early_stop", f"early stop shortens a full recomputation; expected "
                                                        f"recompute: full, got recompute: {par.recompute}")
@@ -408,6 +422,9 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                                          f"variants already spill to CPU memory); with offload_optimizer: cpu "
                                          f"expected adamw, sgd, sgd-no-momentum or adafactor")
     ft = resolve_finetune(finetune, model=model, compute_dtype=weight_dtype(precision), gpu=gpu, file=file)
+    if ft.adapters and training.optimizer_dtype != "fp32":
+        raise fail("training.optimizer_dtype", "the adapters' optimizer states take finetune.adapter_dtype; "
+                                               "expected fp32 (the default) with LoRA / QLoRA")
     if training.implementation != "fused":
         if par.recompute == "selective" or not training.flash_attention or par.sequence_parallel:
             raise fail("training.implementation", f"{training.implementation} layers are modelled with "
@@ -429,5 +446,6 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 # column-parallel collectives, and no re-gather of the saved inputs
                 tp_backward_overlap=par.tp_backward_overlap and tp > 1 and par.tp_impl != "dtensor",
                 optimizer_impl=training.optimizer_impl, implementation=training.implementation,
+                optimizer_dtype=training.optimizer_dtype,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1, tp_impl=par.tp_impl,
                 recompute_layers=par.recompute_layers)

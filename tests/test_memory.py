@@ -97,3 +97,14 @@ def test_partial_recompute_keeps_inputs_of_its_layers_and_everything_of_the_rest
     assert chunk_activation_bytes(m, p, 32) == pytest.approx(expected, rel=1e-12)
     assert chunk_activation_bytes(m, p, 6) == pytest.approx(6 * inputs, rel=1e-12)   # a short chunk: all of it
 
+
+
+def test_pure_bf16_adamw_keeps_no_master_and_bf16_moments():
+    # torch.optim.AdamW on a bf16 model: exp_avg / exp_avg_sq = zeros_like(param) in bf16, no fp32 copy:
+    # 2 (weights) + 2 (bf16 grads) + 2 x 2 (moments) = 8 B/param, against 2 + 2 + 12 = 16 mixed
+    assert bytes_per_param(plan(precision="bf16", grad_dtype="bf16", optimizer_dtype="bf16")) == (2, 2, 4)
+    assert sum(model_state_bytes(6.74e9, plan(dp=1, precision="bf16", grad_dtype="bf16",
+                                              optimizer_dtype="bf16"))) / 1e9 == pytest.approx(8 * 6.74, rel=1e-9)
+    # under FSDP the shard is then the bf16 weight itself (no fp32 shard to serve as master)
+    states = model_state_bytes(8e9, plan(dp=8, zero=3, precision="bf16", grad_dtype="bf16", optimizer_dtype="bf16"))
+    assert states == pytest.approx((2e9, 2e9, 4e9))

@@ -39,10 +39,19 @@ NEMO_2407_RECIPES = {
     "LLAMA2-70B": ({"tp_comm_overlap": True}, "conf/training/llama/llama2_70b.yaml@4a9b61bc"),
     "Nemotron-8B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_8b.yaml@089b90e6"),
     "Nemotron-22B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_22b.yaml@3dd35614"),
-    "Nemotron-340B": ({"tp_comm_overlap": True}, "conf/training/nemotron/nemotron_340b.yaml@3be81fc1"),
+    # its optim: mcore_distributed_optim with grad_sync_dtype: bf16 (NeMo: grad_reduce_in_fp32 False,
+    # so Megatron-Core's main-grad buffer is bf16)
+    "Nemotron-340B": ({"tp_comm_overlap": True, "grad_dtype": "bf16"},
+                      "conf/training/nemotron/nemotron_340b.yaml@3be81fc1"),
     "LLAMA3-70B": ({"tp_comm_overlap": True}, "conf/training/llama/llama3_70b.yaml@3dd35614"),
-    "LLAMA2-13B SFT": ({"virtual_stages": 10}, "examples/peft/llama/h100/13b_1node.sh@7d6e2df9"),
-    "LLAMA2-70B SFT": ({"virtual_stages": 20, "tp_comm_overlap": True}, "examples/peft/llama/h100/70b_2node.sh@1ee3eb3e"),
+    # the SFT scripts run launcher_scripts/conf/peft/llama/sft.yaml, whose optim is distributed_fused_adam
+    # with dtype: bf16 and grad_sync_dtype: bf16 (@1ee3eb3e, and @3dd35614 as mcore_distributed_optim):
+    # bf16 optimizer states without an fp32 master, bf16 gradients
+    "LLAMA2-13B SFT": ({"virtual_stages": 10, "optimizer_dtype": "bf16", "grad_dtype": "bf16"},
+                       "examples/peft/llama/h100/13b_1node.sh@7d6e2df9 + conf/peft/llama/sft.yaml@1ee3eb3e"),
+    "LLAMA2-70B SFT": ({"virtual_stages": 20, "tp_comm_overlap": True, "optimizer_dtype": "bf16",
+                        "grad_dtype": "bf16"},
+                       "examples/peft/llama/h100/70b_2node.sh@1ee3eb3e + conf/peft/llama/sft.yaml@1ee3eb3e"),
     "LLAMA2-70B LoRA": ({"tp_comm_overlap": True}, "examples/peft/llama/h100/70b_1node_lora.sh@329df4af"),
 }
 
@@ -222,6 +231,15 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     # settings a row's notes cite from the run's own configuration (S14: the recipe's yaml and configure.sh)
     if "grad_sync_dtype: bf16" in row["notes"]:
         training["grad_dtype"] = "bf16"
+    elif recipe.get("grad_dtype"):
+        training["grad_dtype"] = recipe["grad_dtype"]
+        notes.append(f"gradient dtype not stated: {recipe['grad_dtype']} (grad_sync_dtype), as the "
+                     f"NeMo-Framework-Launcher recipe sets it ({recipe_file})")
+    if recipe.get("optimizer_dtype"):
+        training["optimizer_dtype"] = recipe["optimizer_dtype"]
+        notes.append(f"optimizer states not stated: {recipe['optimizer_dtype']} without an fp32 master "
+                     f"(optim.dtype), as the recipe sets it ({recipe_file}); its fp8_params (fp8 weights plus a "
+                     f"bf16 copy in the optimizer) are modelled as bf16 weights")
     if "NVTE_FUSED_ATTN=0" in row["notes"]:      # Transformer Engine's flash-attn (FA2, mma.sync) backend
         training["attention_kernel_arch"] = "ampere"
     lora = "lora" in row["model"].lower()
