@@ -150,6 +150,8 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     src = row["source_id"]
     if src.startswith("S13"):
         return None, notes, "tensor-parallel degree, batch and step time not stated (headline 'up to' figure only)"
+    if "hsdp" in row["zero_fsdp"].lower():
+        return None, notes, "hybrid sharding (FSDP within a node, replicas across nodes) is not modelled"
     if src.startswith("S15") and row["act_recompute"].startswith("selective op"):
         # torchtitan's per-op selective checkpointing saves the outputs of a list of ops (every other
         # matmul, attention) and recomputes the rest
@@ -280,16 +282,25 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
                          "activation_checkpointing_reentrant: False), whose early stop skips each block's "
                          "down projection in the recomputation")
     memory = {}
-    if src.startswith("S15"):
-        # torchtitan (docs/performance.md era, mid 2024): eager PyTorch modules (torch.compile off in the
-        # train configs), FSDP2's fully_shard per block, torch.optim.AdamW(foreach=True) -- one pass per
-        # op -- and checkpoint_wrapper's non-reentrant checkpoint, whose early stop skips the last GEMM;
-        # the model returns fp32 logits and F.cross_entropy saves its fp32 log-probabilities, whose
-        # backward holds their gradient and the logits' gradient: 3 fp32 logits-sized tensors
+    if src.startswith(("S15", "S18")):
+        # PyTorch-native stacks: torchtitan (docs/performance.md era, mid 2024) and IBM's fms-fsdp
+        # (use_torch_compile=False in its scripts): eager modules, FSDP per block,
+        # torch.optim.AdamW(foreach=True) -- one pass per op -- and checkpoint_wrapper's non-reentrant
+        # checkpoint, whose early stop skips the last GEMM. torchtitan's model returns fp32 logits and
+        # F.cross_entropy saves fp32 log-probabilities, whose backward holds their gradient and the
+        # logits' gradient: 3 fp32 logits-sized tensors; fms-fsdp's bf16 logits (MixedPrecision param
+        # bf16) keep 3 bf16 ones, 1.5 fp32-sized
         training["implementation"] = "torch"
         training["optimizer_impl"] = "unfused"
-        memory["logits_copies"] = 3
-        notes.append("torchtitan: eager modules (torch.compile off), AdamW foreach (unfused), fp32 loss on fp32 logits")
+        torchtitan = src.startswith("S15")
+        memory["logits_copies"] = 3 if torchtitan else 1.5
+        notes.append(f"{'torchtitan' if torchtitan else 'fms-fsdp'}: eager modules (torch.compile off), AdamW "
+                     f"foreach (unfused), loss on {'fp32' if torchtitan else 'bf16'} logits")
+        if not torchtitan:
+            # fms_fsdp/policies/mixed_precision.py bfSixteen: param_dtype and reduce_dtype bf16
+            training["grad_dtype"] = "bf16"
+            notes.append("fms-fsdp: gradients reduced in bf16 (its bfSixteen mixed-precision policy); interconnect "
+                         "not stated: DGX A100 nodes (8 x 200 Gb/s) assumed")
         if row["act_recompute"].startswith("selective layer"):
             # torchtitan's "selective layer" checkpointing wraps every 2nd block (selective_ac_option "2")
             par["recompute"], par["recompute_layers"] = "full", int(row["layers"]) // 2
