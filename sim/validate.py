@@ -153,7 +153,8 @@ def _memory_lines(memory: list[dict]) -> list[str]:
              f"peak error {statistics.median(errs):.1%} over the {len(errs)} with a measured figure, worst "
              f"{max(errs):.1%}; within 10%: {sum(e <= 0.10 for e in errs)}" if errs else "- no comparable row",
              "- kinds: peak = measured peak per GPU (GB or GiB as published; the predicted peak x 1.10 where the "
-             "source reports reserved bytes, validation/memory/rows.yaml); capacity = the predicted peak at the published longest sequence vs "
+             "source reports reserved bytes, validation/memory/rows.yaml); capacity = the predicted peak at the "
+             "published longest sequence vs "
              "the GPU's memory; oom / fits = the verdict must match. Rows marked not comparable depend on a "
              "setting the source does not state or on a framework mechanism not modelled (reason given).", "",
              "| row | kind | measured | predicted (GB) | error | verdict | comparable | note |",
