@@ -131,6 +131,11 @@ class Engine:
             return tuple(self.vertex(t, x, d, p) for x in range(pl.cp))
         if kind == "dp":   # gradients are reduced over dp x cp (Megatron-LM's data-parallel-with-cp group)
             return tuple(self.vertex(t, x, y, p) for y in range(pl.dp) for x in range(pl.cp))
+        if kind == "dp_shard":    # hybrid sharding: the dp_shard consecutive dp ranks (x cp) of rank d's group
+            first = d - d % pl.dp_shard
+            return tuple(self.vertex(t, x, y, p) for y in range(first, first + pl.dp_shard) for x in range(pl.cp))
+        if kind == "dp_replica":  # the ranks holding the same shard in every shard group
+            return tuple(self.vertex(t, c, y, p) for y in range(d % pl.dp_shard, pl.dp, pl.dp_shard))
         raise ValueError(kind)
 
     def peers(self, kind: str, p: int) -> tuple[tuple[str, ...], ...]:
@@ -149,6 +154,10 @@ class Engine:
             keys = [(0, c, d) for d in range(pl.dp) for c in range(pl.cp)]
         elif kind == "cp":
             keys = [(t, 0, d) for d in range(pl.dp) for t in range(pl.tp)]
+        elif kind == "dp_shard":
+            keys = [(t, 0, d) for d in range(0, pl.dp, pl.dp_shard) for t in range(pl.tp)]
+        elif kind == "dp_replica":
+            keys = [(t, c, d) for d in range(pl.dp_shard) for c in range(pl.cp) for t in range(pl.tp)]
         else:
             keys = [(t, 0, 0) for t in range(pl.tp)]
         # only the copies on one of the representative's nodes can share a link with it: find them by
@@ -168,6 +177,11 @@ class Engine:
             t = x
         elif kind == "cp":
             c = x
+        elif kind == "dp_shard":
+            y, c = divmod(x, pl.cp)
+            d = d - d % pl.dp_shard + y
+        elif kind == "dp_replica":
+            d = d % pl.dp_shard + x * pl.dp_shard
         else:
             d, c = divmod(x, pl.cp)
         return _coord_index(t, c, d, p, pl.tp, pl.cp, pl.dp)
@@ -293,7 +307,9 @@ class Engine:
         coords = [(d, p, c, t) for p in range(pl.pp) for d in range(pl.dp) for c in range(pl.cp)
                   for t in range(pl.tp)] if self.full else [(0, p, 0, 0) for p in range(pl.pp)]
         members_simulated = {"tp": pl.tp if self.full else 1, "cp": pl.cp if self.full else 1,
-                             "dp": pl.dp * pl.cp if self.full else 1, HOST_GROUP: 1}
+                             "dp": pl.dp * pl.cp if self.full else 1, HOST_GROUP: 1,
+                             "dp_shard": pl.zero_shards if self.full else 1,
+                             "dp_replica": pl.replicas if self.full else 1}
         sim_nodes = {self.vertex(t, c, d, p).partition(".")[0] for d, p, c, t in coords}
         keys: dict[tuple, simpy.Event] = {}
         key_time: dict[tuple, tuple[float, float]] = {}     # key -> (send start, arrival)

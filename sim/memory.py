@@ -311,8 +311,9 @@ def model_states(model: ModelSpec, plan: Plan, stage: int) -> ModelStates:
 
 
 def _sharded(plan: Plan, weights: float, gradients: float, optimizer: float) -> tuple[float, float, float]:
-    """ZeRO: stage 1 shards the optimizer states, 2 also the gradients, 3 also the weights, over dp x cp."""
-    shards = plan.dp * plan.cp
+    """ZeRO: stage 1 shards the optimizer states, 2 also the gradients, 3 also the weights, over dp x cp
+    (over dp_shard x cp with hybrid sharding)."""
+    shards = plan.zero_shards
     return (weights / (shards if plan.zero >= 3 else 1), gradients / (shards if plan.zero >= 2 else 1),
             optimizer / (shards if plan.zero >= 1 else 1))
 

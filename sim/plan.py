@@ -133,6 +133,13 @@ class ParallelismConfig(Section):
     tp_backward_overlap: bool = Field(default=True, strict=True,
                                       description="the backward's column-parallel TP collectives overlap the "
                                                   "gradient GEMMs (Megatron-LM since 2021, Transformer Engine)")
+    # hybrid sharding (PyTorch FSDP HYBRID_SHARD, FSDP2 / torchtitan dp_shard with dp_replicate, DeepSpeed
+    # MiCS): ZeRO-3 shards over groups of dp_shard data-parallel ranks (x cp) and replicates across the
+    # groups; each layer's gathers and gradient reduce-scatters stay in the shard group, and the sharded
+    # gradients are then all-reduced across the replicas. Default: one group of all dp ranks
+    dp_shard: int | None = Field(default=None, ge=1, strict=True,
+                                 description="ZeRO-3 shard group size in data-parallel ranks (hybrid sharding); "
+                                             "default all of dp")
     # what a column-parallel GEMM saves of its input under sequence parallelism: "megatron" (Megatron-LM,
     # Transformer Engine: the sequence-sharded input, gathered again in the backward; Korthikanti et
     # al. 2022 §4.2.2) or "dtensor" (PyTorch DTensor's ColwiseParallel after SequenceParallel norms, as
@@ -233,6 +240,17 @@ class Plan:
     tp_comm_overlap: bool = False    # TP collectives overlap the layer's GEMMs (see ParallelismConfig)
     tp_impl: str = "megatron"        # what a column-parallel GEMM saves under SP (see ParallelismConfig)
     recompute_layers: int | None = None      # layers of each chunk recomputed in full (None: all; see ParallelismConfig)
+    dp_shard: int | None = None      # ZeRO-3 shard group in dp ranks (None: all dp; see ParallelismConfig)
+
+    @property
+    def zero_shards(self) -> int:
+        """Ranks that share one copy of the ZeRO-sharded states: dp x cp, or dp_shard x cp (hybrid)."""
+        return (self.dp_shard or self.dp) * self.cp
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the ZeRO-sharded states across the data-parallel ranks (1 without hybrid sharding)."""
+        return self.dp * self.cp // self.zero_shards
 
     def recomputed_layers(self, layers: int) -> int:
         """Layers of a chunk of ``layers`` whose activations the backward rebuilds (``recompute``)."""
@@ -283,7 +301,8 @@ class Plan:
         return sum(n for c, n in enumerate(self.chunk_layers) if c % self.pp == stage)
 
     def describe(self) -> str:
-        extra = [(f"ZeRO-{self.zero}" + (f" ({self.zero3_impl})" if self.zero3_impl != "fsdp" else ""))
+        extra = [(f"ZeRO-{self.zero}" + (f" ({self.zero3_impl})" if self.zero3_impl != "fsdp" else "")
+                  + (f" hybrid: shards of {self.dp_shard} x {self.replicas} replicas" if self.dp_shard else ""))
                  if self.zero else "no ZeRO"]
         if self.kernel_arch != "native":
             extra.append(f"{self.kernel_arch}-built kernels")
@@ -402,6 +421,11 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
     if par.recompute_layers is not None and par.zero3_impl == "deepspeed-0.3":
         raise fail("parallelism.recompute_layers", "DeepSpeed 0.3's ZeRO-3 is modelled with every layer "
                                                    "recomputed; expected no recompute_layers")
+    if par.dp_shard is not None and (par.zero != 3 or par.zero3_impl != "fsdp" or dp % par.dp_shard
+                                     or par.offload_optimizer != "none" or par.offload_params != "none"):
+        raise fail("parallelism.dp_shard", f"hybrid sharding splits ZeRO-3 (zero3_impl fsdp, no offload) into "
+                                           f"groups of dp_shard ranks; expected zero: 3 and a divisor of dp={dp}, "
+                                           f"got zero={par.zero}, dp_shard={par.dp_shard}")
     if par.zero3_impl != "fsdp" and par.zero != 3:
         raise fail("parallelism.zero3_impl", f"zero3_impl={par.zero3_impl} describes ZeRO-3; expected zero: 3, "
                                              f"got zero={par.zero}")
@@ -448,4 +472,5 @@ def resolve_plan(model: ModelSpec, training: TrainingConfig, par: ParallelismCon
                 optimizer_impl=training.optimizer_impl, implementation=training.implementation,
                 optimizer_dtype=training.optimizer_dtype,
                 tp_comm_overlap=par.tp_comm_overlap and tp > 1, tp_impl=par.tp_impl,
-                recompute_layers=par.recompute_layers)
+                recompute_layers=par.recompute_layers,
+                dp_shard=par.dp_shard if par.dp_shard is not None and par.dp_shard < dp else None)

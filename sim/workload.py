@@ -171,12 +171,14 @@ class _Lowering:
         self._cp_split: dict[int, tuple] = {}
         self.zero3 = layerwise_weights(plan)
         self.layer_weight_bytes = layer_weight_bytes(model, plan)              # one layer's gathered weights
-        shards = plan.dp * plan.cp
+        shards = plan.zero_shards
+        # hybrid sharding: gathers and reduce-scatters in the shard group, an all-reduce across replicas
+        self.shard_group = "dp_shard" if plan.dp_shard else "dp"
         # DeepSpeed 0.3's ZeRO-3: a rank gathers (and reduce-scatters) about a layer's full bytes at the
         # framework's measured per-GPU rate, gradients in line, and the recomputation gathers again
         self.zero3_rate = framework_rate("deepspeed-0.3", "zero3_bytes_per_s") \
             if self.zero3 and plan.zero3_impl == "deepspeed-0.3" else None
-        self.param_gather = Collective("all_gather", "dp", self.layer_weight_bytes,
+        self.param_gather = Collective("all_gather", self.shard_group, self.layer_weight_bytes,
                                        floor_s=self._floor(self.layer_weight_bytes)) if shards > 1 else None
         # ZeRO-Infinity: the rank's shard of the layer comes from CPU memory first
         self.param_fetch = Collective(H2D, HOST_GROUP, self.layer_weight_bytes / shards) \
@@ -384,7 +386,12 @@ class _Lowering:
         size = params * self.grad_bytes
         # DeepSpeed 0.3 gathers and reduce-scatters on one process group: one NCCL queue, in issue order
         stream = "gather" if self.zero3_rate else "dp"
-        return prog.add(stream, name, "comm", (dep,), collective=Collective(kind, "dp", size, floor_s=self._floor(size)))
+        op = prog.add(stream, name, "comm", (dep,), collective=Collective(kind, self.shard_group, size,
+                                                                          floor_s=self._floor(size)))
+        if self.plan.dp_shard:   # hybrid sharding: the reduced shard is then all-reduced across replicas
+            op = prog.add(stream, name + ".replicas", "comm", (op,),
+                          collective=Collective("all_reduce", "dp_replica", size / self.plan.zero_shards))
+        return op
 
     def host_copy(self, prog: Program, name: str, kind: str, size_bytes: float, deps) -> int:
         """A copy between the GPU and its host (PCIe), on the ``host`` stream."""
@@ -404,7 +411,7 @@ class _Lowering:
         grad_ops = self.grad_ops = []
         bucket = 0.0
         dp_sharded = plan.dp * plan.cp > 1
-        shards = plan.dp * plan.cp
+        shards = plan.zero_shards
         trainable = mem.trainable_params
         if mem.paged_out:   # paged optimizer: the states that do not fit are evicted as activations grow
             prev = self.host_copy(prog, "optimizer.page_out", D2H, mem.paged_out, ())

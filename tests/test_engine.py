@@ -412,3 +412,25 @@ def test_partial_recompute_between_none_and_full():
     assert runs["none"][0] < runs["half"][0] < runs["full"][0]
     assert runs["full"][1] < runs["half"][1] < runs["none"][1]
 
+
+
+@pytest.mark.parametrize("shard", [4, 8])
+def test_hybrid_sharding_gathers_in_the_shard_group_and_all_reduces_across_replicas(shard):
+    # FSDP HYBRID_SHARD over 16 ranks: each layer's gather and reduce-scatter over `shard` ranks, then the
+    # reduced shard (1 / shard of the layer's gradients) all-reduced over the 16 / shard replicas; the
+    # symmetric replay agrees with the one of every device
+    data = {"model": {"base": "llama3-8b", "layers": 4}, "cluster": {"topology": "dgx-h100", "nodes": 2},
+            "training": {"seq_len": 2048, "global_batch_size": 32, "micro_batch_size": 1},
+            "parallelism": {"tp": 1, "pp": 1, "dp": 16, "zero": 3, "dp_shard": shard}}
+    s = scenario_from_mapping(data)
+    from sim.workload import lower
+    prog = lower(s.model, s.plan, s.memory, s.cluster.gpu)[0]
+    gathers = [op.collective for op in prog.ops if op.name.endswith(".gather")]
+    reduces = [op.collective for op in prog.ops if op.name.endswith(".grads")]
+    replicas = [op.collective for op in prog.ops if op.name.endswith(".replicas")]
+    assert {c.group for c in gathers} == {"dp_shard"} and {c.group for c in reduces} == {"dp_shard"}
+    assert len(replicas) == len(reduces) + 1 and {c.group for c in replicas} == {"dp_replica"}
+    assert replicas[0].size_bytes == pytest.approx(reduces[0].size_bytes / shard, rel=1e-12)
+    sym, full = simulate(s), simulate(s, full=True)
+    assert len(full.devices) == 16
+    assert full.step_time_s == pytest.approx(sym.step_time_s, rel=1e-9)

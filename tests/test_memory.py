@@ -108,3 +108,12 @@ def test_pure_bf16_adamw_keeps_no_master_and_bf16_moments():
     # under FSDP the shard is then the bf16 weight itself (no fp32 shard to serve as master)
     states = model_state_bytes(8e9, plan(dp=8, zero=3, precision="bf16", grad_dtype="bf16", optimizer_dtype="bf16"))
     assert states == pytest.approx((2e9, 2e9, 4e9))
+
+
+def test_hybrid_sharding_shards_the_states_within_a_group():
+    # HYBRID_SHARD over 64 ranks in groups of 8: every rank holds 1/8 of the states (FSDP: 16 B/param)
+    full = model_state_bytes(8.03e9, plan(dp=64, zero=3, precision="bf16", grad_dtype="fp32"))
+    hybrid = model_state_bytes(8.03e9, plan(dp=64, zero=3, dp_shard=8, precision="bf16", grad_dtype="fp32"))
+    assert sum(full) == pytest.approx(8.03e9 * 16 / 64, rel=1e-12)
+    assert sum(hybrid) == pytest.approx(8.03e9 * 16 / 8, rel=1e-12)
+

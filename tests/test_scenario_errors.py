@@ -53,6 +53,7 @@ def run_cli(args, capsys):
     (lambda d: d["parallelism"].update(recompute="full", recompute_layers=0), "parallelism.recompute_layers",
      "greater than or equal to 1"),
     (lambda d: d["parallelism"].update(tp_impl="jax"), "parallelism.tp_impl", "megatron"),
+    (lambda d: d["parallelism"].update(dp_shard=2), "parallelism.dp_shard", "expected zero: 3"),
     (lambda d: d["training"].update(precision="fp16", optimizer_dtype="bf16"), "training.optimizer_dtype",
      "expected fp32"),
     (lambda d: d["training"].update(optimizer="adamw-8bit", optimizer_dtype="bf16"), "training.optimizer_dtype",

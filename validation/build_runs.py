@@ -127,7 +127,7 @@ def recompute(row: dict, notes: list[str]) -> str:
 
 def zero_stage(row: dict, notes: list[str]) -> int:
     z = row["zero_fsdp"].lower()
-    if "full_shard" in z or "zero-3" in z:
+    if "full_shard" in z or "zero-3" in z or "hsdp" in z:
         return 3
     if "shard_grad_op" in z or "zero-2" in z:
         return 2
@@ -150,8 +150,6 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     src = row["source_id"]
     if src.startswith("S13"):
         return None, notes, "tensor-parallel degree, batch and step time not stated (headline 'up to' figure only)"
-    if "hsdp" in row["zero_fsdp"].lower():
-        return None, notes, "hybrid sharding (FSDP within a node, replicas across nodes) is not modelled"
     if src.startswith("S15") and row["act_recompute"].startswith("selective op"):
         # torchtitan's per-op selective checkpointing saves the outputs of a list of ops (every other
         # matmul, attention) and recomputes the rest
@@ -186,6 +184,8 @@ def translate(row: dict) -> tuple[dict | None, list[str], str]:
     if gpus % per_node:
         cluster["gpus"] = gpus
     par = {"tp": tp, "pp": pp, "dp": dp, "cp": cp, "zero": zero_stage(row, notes)}
+    if "hsdp" in row["zero_fsdp"].lower():      # FSDP HYBRID_SHARD: shards within a node, replicas across
+        par["dp_shard"] = per_node // (tp * cp)
     if src.startswith("S01") and par["zero"] == 3:
         # the paper's ZeRO-3 runs (arXiv:2104.04473, April 2021) predate DeepSpeed 0.4.1's gather rewrite
         par["zero3_impl"] = "deepspeed-0.3"
