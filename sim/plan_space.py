@@ -221,7 +221,11 @@ def auto_points(model: ModelSpec, training: TrainingConfig, parallelism: Paralle
                                         # nor a base partial recomputation
                                         **({"parallelism.recompute_layers": None}
                                            if parallelism.recompute_layers is not None and recompute != "full"
-                                           else {})})
+                                           else {}),
+                                        # nor a base hybrid sharding to other ZeRO stages or dp degrees
+                                        **({"parallelism.dp_shard": None}
+                                           if parallelism.dp_shard is not None
+                                           and (zero != 3 or dp % parallelism.dp_shard) else {})})
     return points
 
 

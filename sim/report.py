@@ -49,6 +49,7 @@ def to_dict(a: Analysis, *, pue: float = DEFAULT_PUE) -> dict[str, Any]:
         "gpus": plan.gpus,
         "cluster": s.cluster.describe(),
         "plan": {"tp": plan.tp, "pp": plan.pp, "cp": plan.cp, "dp": plan.dp, "zero": plan.zero,
+                 "dp_shard": plan.dp_shard,
                  "zero3_impl": plan.zero3_impl, "kernel_arch": plan.kernel_arch,
                  "attention_kernel_arch": plan.attention_kernel_arch,
                  "sequence_parallel": plan.sequence_parallel, "tp_impl": plan.tp_impl,
