@@ -110,7 +110,7 @@ def _measured_gb(row: dict) -> float:
 
 
 def _measured_text(row: dict) -> str:
-    return f"{row['measured_gb']} GB" if "measured_gb" in row else f"{row['measured_gib']} GiB"
+    return f"{row['measured_gb']} GB" if "measured_gb" in row else f"{row.get('measured_gib')} GiB"
 
 
 def _unknown_length(row: dict) -> bool:
@@ -152,7 +152,7 @@ def write_scenarios(defaults: dict, rows: list[dict]) -> None:
     SCENARIOS.mkdir(exist_ok=True)
     for row in rows:
         mapping = row_mapping(row, defaults, 2048 if row["kind"] == "peak" and _unknown_length(row) else None)
-        what = {"peak": f"measured peak {_measured_text(row) if row['kind'] == 'peak' else ''} per GPU",
+        what = {"peak": f"measured peak {_measured_text(row)} per GPU",
                 "capacity": f"longest sequence that fits in {row.get('capacity_gb')} GB: {row.get('seq_len')} tokens",
                 "oom": f"out of memory in {row.get('capacity_gb')} GB",
                 "fits": f"fits in {row.get('capacity_gb')} GB"}[row["kind"]]
